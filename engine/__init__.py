@@ -1,0 +1,28 @@
+"""Sirocco's engine: the only names the gateway may import."""
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError, RequestFailedError
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
+from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+
+__all__ = [
+    "LLM",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineDeadError",
+    "EngineError",
+    "EngineOverloadedError",
+    "EngineStats",
+    "InvalidRequestError",
+    "Logprob",
+    "RequestFailedError",
+    "RequestOutput",
+    "SamplingParams",
+    "TokenLogprobs",
+    "Usage",
+]
