@@ -1,0 +1,162 @@
+"""Find a checkpoint (local folder, Hub repo id, or the embedded model), read config.json, load safetensors into the model.
+
+Weights are only ever read from safetensors: folders with pickle files alone are refused, never unpickled.
+The model is built on the meta device and each tensor goes from the file straight to its place on the target device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engine.config import EngineConfig
+from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
+from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint we cannot load, with a message the user can act on."""
+
+
+def resolve_model_dir(config: EngineConfig) -> Path:
+    """The local folder holding the checkpoint: the embedded model, a local directory, or a Hub snapshot."""
+    if config.model is None:
+        from engine.embedded import embedded_model_dir
+
+        return embedded_model_dir(config.cache_dir)
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or config.model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {config.model!r} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s (revision %s)", config.model, config.revision or "main")
+    return Path(
+        snapshot_download(
+            config.model,
+            revision=config.revision,
+            token=config.hf_token,
+            cache_dir=config.download_dir,
+            allow_patterns=_HUB_PATTERNS,
+        )
+    )
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """config.json -> ModelConfig, refusing architectures we do not implement."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json")
+    raw: dict[str, Any] = json.loads(config_path.read_text())
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    # transformers >= 5 writes rope settings under rope_parameters; older files use rope_theta + rope_scaling.
+    rope = dict(raw.get("rope_scaling") or {})
+    rope.update(raw.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    num_heads = raw["num_attention_heads"]
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        rope_type=rope_type,
+        rope_factor=rope.get("factor", 1.0),
+        rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+        rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+        rope_original_max_position_embeddings=rope.get("original_max_position_embeddings", 8192),
+        sliding_window=raw.get("sliding_window") if model_type == "mistral" else None,
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", False),
+    )
+
+
+def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> MistralForCausalLM:
+    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype`."""
+    start = time.perf_counter()
+    files = _safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = MistralForCausalLM(model_config)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    unfilled = {name: p.numel() for name, p in params.items()}
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                target, rows = _target(model, name)
+                if target not in params:
+                    if not (name == "lm_head.weight" and model.lm_head is None) and "rotary_emb" not in name:
+                        unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
+                if dest.shape != tensor.shape:
+                    raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                unfilled[target] -= tensor.numel()
+    missing = sorted(name for name, left in unfilled.items() if left != 0)
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}")
+    model.model.rotary_emb.build(device, dtype)
+    model.eval().requires_grad_(False)
+    logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
+    return model
+
+
+def _target(model: MistralForCausalLM, name: str) -> tuple[str, tuple[int, int] | None]:
+    """Checkpoint tensor name -> (our parameter name, row range inside a fused matrix or None)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in PACKED_MODULES:
+            fused, shard = PACKED_MODULES[part]
+            sizes = model.packed_shard_sizes(fused)
+            begin = sum(sizes[:shard])
+            return ".".join([*parts[:i], fused, *parts[i + 1 :]]), (begin, begin + sizes[shard])
+    return name, None
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{model_dir} holds only pickle weights ({', '.join(pickles)}); Sirocco loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert the checkpoint to safetensors first."
+        )
+    raise ModelLoadError(f"{model_dir} holds no *.safetensors weights")
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, config.dtype)

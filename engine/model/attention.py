@@ -1,0 +1,113 @@
+"""Grouped-query attention over the paged KV cache: the plain PyTorch reference path (CPU and tests).
+
+The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is
+block_id * block_size + offset. Decodes are gathered and run as one padded batch; each prefill chunk attends
+to its cached prefix plus its own causal block. Mistral's sliding window: key j is visible from query i
+when i - window < j <= i, as in Hugging Face.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How the flat tokens of one step split into sequences. Built by the model runner, passed explicitly."""
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, where each sequence's tokens start in the flat batch
+    seq_lens: torch.Tensor  # [num_seqs] int32, keys visible to each sequence's last query (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
+    query_lens_cpu: list[int]  # host copies, so the reference path needs no device sync
+    seq_lens_cpu: list[int]
+    max_seq_len: int
+    is_decode_only: bool
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values [num_tokens, num_kv_heads, head_dim] at their slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Reference attention for a mixed step; K/V of this step must already be written. Returns [num_tokens, num_heads, head_dim]."""
+    out = torch.empty_like(q)
+    decode_rows = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+    if decode_rows:
+        _decode_batch(q, k_cache, v_cache, meta, decode_rows, scale, sliding_window, out)
+    starts = meta.query_start_loc.tolist() if len(decode_rows) < len(meta.query_lens_cpu) else []
+    for i, query_len in enumerate(meta.query_lens_cpu):
+        if query_len == 1:
+            continue
+        start, seq_len = starts[i], meta.seq_lens_cpu[i]
+        k, v = _gather(k_cache, v_cache, meta.block_tables[i : i + 1], seq_len)  # [1, seq_len, num_kv_heads, head_dim]
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        mask = _visible(q_pos.unsqueeze(1), k_pos, sliding_window).unsqueeze(0)  # [1, query_len, seq_len]
+        out[start : start + query_len] = _sdpa(q[start : start + query_len].unsqueeze(0), k, v, mask, scale)[0]
+    return out
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    rows: list[int],
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,
+) -> None:
+    if len(rows) == len(meta.query_lens_cpu):  # pure decode: token i belongs to sequence i
+        token_idx = seq_idx = torch.arange(len(rows), device=q.device)
+        seq_lens = meta.seq_lens
+        max_len = meta.max_seq_len
+    else:
+        seq_idx = torch.tensor(rows, device=q.device)
+        token_idx = meta.query_start_loc[seq_idx].long()
+        seq_lens = meta.seq_lens[seq_idx]
+        max_len = max(meta.seq_lens_cpu[i] for i in rows)
+    k, v = _gather(k_cache, v_cache, meta.block_tables[seq_idx], max_len)  # [num_decodes, max_len, num_kv_heads, head_dim]
+    key_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, max_len]
+    q_pos = (seq_lens - 1).unsqueeze(1)  # [num_decodes, 1]
+    mask = _visible(q_pos, key_pos, sliding_window).unsqueeze(1)  # [num_decodes, 1, max_len]
+    out[token_idx] = _sdpa(q[token_idx].unsqueeze(1), k, v, mask, scale)[:, 0]
+
+
+def _gather(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of each sequence's first max_len positions: [num_seqs, max_len, num_kv_heads, head_dim]."""
+    block_size = k_cache.shape[1]
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
+    shape = (tables.shape[0], num_blocks * block_size, *k_cache.shape[2:])
+    return k_cache[tables].view(shape)[:, :max_len], v_cache[tables].view(shape)[:, :max_len]
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [b, q_len, heads, d], k/v [b, k_len, kv_heads, d], mask [b or 1, q_len, k_len] -> [b, q_len, heads, d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2)
