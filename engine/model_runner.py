@@ -1,0 +1,63 @@
+"""ModelRunner: flattens one scheduled step into model inputs + attention metadata, runs the model, samples.
+
+Logits are computed only at the positions that sample (the last token of each sequence that reaches its end).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.model.attention import AttentionMetadata
+from engine.model.mistral import KVCache, MistralForCausalLM
+from engine.sampler import Sampler, SamplerOutput, SampleRow
+from engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: MistralForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput:
+        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true."""
+        input_ids, positions, slots, sample_idx = [], [], [], []
+        query_start_loc, seq_lens, query_lens = [0], [], []
+        bs = self.block_size
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + num_new])
+            positions.extend(range(start, start + num_new))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + num_new))
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(start + num_new)
+            query_lens.append(num_new)
+            if batch.samples(i):
+                sample_idx.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+        meta = AttentionMetadata(
+            query_start_loc=self._tensor(query_start_loc, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._tensor(tables, torch.int32),
+            slot_mapping=self._tensor(slots, torch.long),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            max_seq_len=max(seq_lens),
+            is_decode_only=len(input_ids) == len(batch.seqs),
+        )
+        hidden = self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self.kv_cache, meta)
+        if not sample_idx:
+            return SamplerOutput([], [])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
+        return self.sampler(logits, rows)
+
+    def _tensor(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
