@@ -7,6 +7,7 @@ loop.call_soon_threadsafe. If the loop dies, every pending request fails with En
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -140,10 +141,8 @@ class AsyncEngine:
         if target is None:
             return  # the caller is gone; its abort is in the inbox
         loop, queue = target
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
             loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed
-            pass
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Reference attention for a mixed step; K/V of this step must already be written. Returns [num_tokens, num_heads, head_dim]."""
+    """Reference attention for a mixed step (this step's K/V already written) -> [num_tokens, num_heads, head_dim]."""
     out = torch.empty_like(q)
     decode_rows = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
     if decode_rows:
