@@ -1,0 +1,81 @@
+"""create_app(settings, engine=None) -> Starlette: the routes, the middleware stack, and a lifespan that owns the engine.
+
+Given no engine, the lifespan builds AsyncEngine from settings in a worker thread, starts it, and shuts it down on exit;
+an engine passed in (tests) is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine import AsyncEngine
+from gateway.chat import create_chat_completion
+from gateway.completions import create_completion
+from gateway.errors import APIError, handle_api_error, handle_http_exception
+from gateway.health import health, list_models
+from gateway.metrics import metrics_endpoint
+from gateway.middleware import GatewayMiddleware
+from gateway.openapi import openapi_spec
+from gateway.settings import Settings
+from gateway.state import GatewayState
+
+
+def _version() -> str:
+    try:
+        return version("sirocco")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> Starlette:
+    settings = settings if settings is not None else Settings()
+    state = GatewayState(settings, engine)
+    spec = openapi_spec("Sirocco", _version())
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(spec)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        owns_engine = state.engine is None
+        if owns_engine:
+            loaded = await anyio.to_thread.run_sync(AsyncEngine, settings.engine_config())
+            loaded.start()
+            state.engine = loaded
+        try:
+            yield
+        finally:
+            if owns_engine and state.engine is not None:
+                await anyio.to_thread.run_sync(state.engine.shutdown)
+
+    routes = [
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    middleware = [Middleware(GatewayMiddleware, state=state)]
+    if settings.cors_allow_origins:
+        cors = Middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"], allow_headers=["*"])
+        middleware.insert(0, cors)  # outermost: preflight requests need no API key
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception},
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    return app

@@ -1,0 +1,96 @@
+"""POST /v1/completions: validate, submit one engine request per prompt, answer with JSON or an SSE stream."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine import AsyncEngine, TokenLogprobs
+from gateway.body import parse_body
+from gateway.protocol import CompletionRequest
+from gateway.responses import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    UsageInfo,
+    completion_logprobs,
+    public_finish_reason,
+)
+from gateway.state import GatewayState
+from gateway.streaming import EngineRequests, collect_unless_disconnected, sse_events, sse_response, submit
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What every chunk of one response shares."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    echoes: list[str]  # per prompt: its text when echo is on, else ""
+    has_logprobs: bool
+
+    def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def logprobs(self, entries: list[TokenLogprobs] | None, text_offset: int) -> CompletionLogprobs | None:
+        return completion_logprobs(entries or [], text_offset) if self.has_logprobs else None
+
+
+def _prompt_text(engine: AsyncEngine, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else engine.decode(prompt)
+
+
+async def create_completion(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    body = await parse_body(request, CompletionRequest, state.settings.max_body_bytes)
+    prompts = body.prompts()
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = await submit(state, response_id, body, prompts)
+    engine = state.require_engine()
+    echoes = [_prompt_text(engine, prompt) if body.echo else "" for prompt in prompts]
+    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.n, echoes, body.logprobs is not None)
+    if body.stream:
+        chunks = _stream_chunks(requests, reply, body.include_usage)
+        return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))
+    result = await collect_unless_disconnected(request, requests, len(prompts) * body.n, body.n)
+    if result is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    totals, usages = result
+    choices = []
+    for index, total in enumerate(totals):
+        echo = echoes[index // body.n]
+        logprobs = reply.logprobs(total.logprobs, len(echo))
+        text = echo + total.text
+        choices.append(
+            CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=public_finish_reason(total.finish_reason))
+        )
+    return Response(reply.chunk(choices, UsageInfo.total(usages)).model_dump_json(), media_type="application/json")
+
+
+async def _stream_chunks(requests: EngineRequests, reply: _Reply, include_usage: bool) -> AsyncIterator[CompletionResponse]:
+    offsets = [len(echo) for echo in reply.echoes for _ in range(reply.n)]  # where each choice's next token starts
+    for index, offset in enumerate(offsets):
+        if offset:
+            yield reply.chunk([CompletionChoice(index=index, text=reply.echoes[index // reply.n])])
+    usages = []
+    async for prompt_index, output in requests.outputs():
+        for delta in output.outputs:
+            index = prompt_index * reply.n + delta.index
+            logprobs = reply.logprobs(delta.logprobs, offsets[index])
+            offsets[index] += sum(len(entry.sampled.token) for entry in delta.logprobs or [])
+            if delta.text or delta.finish_reason or (logprobs is not None and logprobs.tokens):
+                finish_reason = public_finish_reason(delta.finish_reason)
+                yield reply.chunk(
+                    [CompletionChoice(index=index, text=delta.text, logprobs=logprobs, finish_reason=finish_reason)]
+                )
+        if output.usage is not None:
+            usages.append(output.usage)
+    if include_usage:
+        yield reply.chunk([], UsageInfo.total(usages))

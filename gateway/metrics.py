@@ -1,0 +1,125 @@
+"""Prometheus metrics: one registry per app, request timing histograms, and a collector reading engine.stats() at scrape time.
+
+Engine-side counters and gauges are never copied by a background thread: the collector asks the engine when scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine import EngineStats, RequestOutput
+from gateway.settings import Settings
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class EngineStatsCollector(Collector):
+    """Exposes one EngineStats snapshot per scrape; nothing while no engine is loaded."""
+
+    def __init__(self, read_stats: Callable[[], EngineStats | None]) -> None:
+        self._read_stats = read_stats
+
+    def describe(self) -> list[Metric]:
+        return []  # names are only known from collect(); skip the registration-time collect
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read_stats()
+        if stats is None:
+            return
+        counters = (
+            ("sirocco_prompt_tokens", "Prompt tokens processed", stats.num_prompt_tokens),
+            ("sirocco_generation_tokens", "Tokens generated", stats.num_generation_tokens),
+            ("sirocco_preemptions", "Sequences preempted for lack of KV blocks", stats.num_preemptions),
+            ("sirocco_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+            ("sirocco_prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+        )
+        for name, documentation, value in counters:
+            yield CounterMetricFamily(name, documentation, value=value)
+        gauges = (
+            ("sirocco_requests_running", "Sequences running in the engine", stats.num_running),
+            ("sirocco_requests_waiting", "Sequences waiting for admission", stats.num_waiting),
+            ("sirocco_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)", stats.kv_cache_usage),
+        )
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)
+
+
+class Metrics:
+    """The app's own registry and the gateway-side request metrics."""
+
+    def __init__(self, settings: Settings, read_stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            "sirocco_time_to_first_token_seconds", "Time to first token", buckets=settings.ttft_buckets_s, registry=self.registry
+        )
+        self.itl = Histogram(
+            "sirocco_inter_token_latency_seconds",
+            "Time between output deltas",
+            buckets=settings.itl_buckets_s,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "sirocco_e2e_request_latency_seconds",
+            "Request latency, arrival to finish",
+            buckets=settings.e2e_buckets_s,
+            registry=self.registry,
+        )
+        self.queue = Histogram(
+            "sirocco_request_queue_time_seconds",
+            "Time waiting before first scheduled",
+            buckets=settings.queue_buckets_s,
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "sirocco_requests_finished", "Engine requests finished, by finish reason", ["finish_reason"], registry=self.registry
+        )
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
+        self.registry.register(EngineStatsCollector(read_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Times one engine request from arrival: TTFT, inter-token latency, end-to-end and queue time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._start_s = time.perf_counter()
+        self._last_token_s: float | None = None
+        self._finish_reasons: list[str] = []
+        self._is_done = False
+
+    def observe(self, output: RequestOutput) -> None:
+        now_s = time.perf_counter()
+        if any(choice.token_ids for choice in output.outputs):
+            if self._last_token_s is None:
+                self._metrics.ttft.observe(now_s - self._start_s)
+            else:
+                self._metrics.itl.observe(now_s - self._last_token_s)
+            self._last_token_s = now_s
+        self._finish_reasons.extend(choice.finish_reason for choice in output.outputs if choice.finish_reason)
+        if output.finished:
+            self._metrics.e2e.observe(now_s - self._start_s)
+            if output.queue_s is not None:
+                self._metrics.queue.observe(output.queue_s)
+            self.finish(next((r for r in ("abort", "length") if r in self._finish_reasons), "stop"))
+
+    def finish(self, reason: str) -> None:
+        """Count the request once: stop, length, abort (client gone) or error."""
+        if not self._is_done:
+            self._is_done = True
+            self._metrics.finished.labels(reason).inc()
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.gateway.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,80 @@
+"""The OpenAPI 3.1 document of our own endpoints, generated from the pydantic models' JSON schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse, ModelList
+
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    "400": "Malformed JSON, an invalid or unsupported field, or prompt + max_tokens beyond the context",
+    "401": "Missing or wrong API key (only when API keys are configured)",
+    "404": "Unknown model",
+    "413": "Request body too large",
+    "429": "Waiting queue full; see Retry-After",
+    "503": "Engine not running, or the server is draining",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _generation(summary: str, request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
+    error = {"application/json": {"schema": _ref(ErrorResponse)}}
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "The completion, or with stream=true an SSE stream of chunks ending in `data: [DONE]`",
+            "content": {"application/json": {"schema": _ref(response)}, "text/event-stream": {"schema": _ref(chunk)}},
+        }
+    }
+    responses.update({status: {"description": text, "content": error} for status, text in _ERRORS.items()})
+    body = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
+    return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
+
+
+def openapi_spec(title: str, version: str) -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], Any]] = [
+        (CompletionRequest, "validation"),
+        (ChatCompletionRequest, "validation"),
+        (CompletionResponse, "serialization"),
+        (ChatCompletionResponse, "serialization"),
+        (ChatCompletionChunk, "serialization"),
+        (ModelList, "serialization"),
+        (ErrorResponse, "serialization"),
+    ]
+    _, schema = models_json_schema(models, ref_template=_REF)
+    plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    paths = {
+        "/v1/completions": _generation("Text completion", CompletionRequest, CompletionResponse, CompletionResponse),
+        "/v1/chat/completions": _generation(
+            "Chat completion", ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk
+        ),
+        "/v1/models": {
+            "get": {
+                "summary": "The served model",
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(ModelList)}}}},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "200 when ready; 503 while loading, draining or after an engine failure",
+                "responses": {
+                    "200": {"description": "Ready"},
+                    "503": {"description": "Not ready", "content": {"application/json": {"schema": _ref(ErrorResponse)}}},
+                },
+            }
+        },
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": plain}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {"schemas": schema["$defs"], "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -1,0 +1,189 @@
+"""Response and stream-chunk models, shaped exactly like OpenAI's, and the two logprobs formats.
+
+Split from protocol.py (requests) to keep each under one screenful of models; both feed /openapi.json.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+from engine import Logprob, TokenLogprobs, Usage
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def total(cls, usages: list[Usage]) -> UsageInfo:
+        prompt = sum(usage.prompt_tokens for usage in usages)
+        completion = sum(usage.completion_tokens for usage in usages)
+        cached = sum(usage.cached_tokens for usage in usages)
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, and also each stream chunk (OpenAI uses the same object for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sirocco"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def public_finish_reason(reason: str | None) -> Literal["stop", "length"] | None:
+    """OpenAI's finish reasons: "length" for max_tokens or the context, "stop" for everything else that ends a choice."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else _MIN_LOGPROB
+
+
+def completion_logprobs(entries: list[TokenLogprobs], text_offset: int) -> CompletionLogprobs:
+    """Completions format: parallel lists; `text_offset` is where the first token starts in the choice's text."""
+    result = CompletionLogprobs()
+    for entry in entries:
+        result.tokens.append(entry.sampled.token)
+        result.token_logprobs.append(_logprob(entry.sampled.logprob))
+        top = {item.token: _logprob(item.logprob) for item in entry.top}
+        top.setdefault(entry.sampled.token, _logprob(entry.sampled.logprob))
+        result.top_logprobs.append(top)
+        result.text_offset.append(text_offset)
+        text_offset += len(entry.sampled.token)
+    return result
+
+
+def _top(item: Logprob) -> TopLogprob:
+    return TopLogprob(token=item.token, logprob=_logprob(item.logprob), bytes=list(item.token.encode("utf-8")))
+
+
+def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
+    """Chat format: one object per token with its bytes and the top alternatives."""
+    content = [
+        ChatTokenLogprob(**_top(entry.sampled).model_dump(), top_logprobs=[_top(item) for item in entry.top]) for entry in entries
+    ]
+    return ChatLogprobs(content=content)

@@ -1,0 +1,46 @@
+"""GatewayState: what the handlers share (settings, engine, metrics) and the drain switch SIGTERM flips.
+
+One instance per app, on `app.state.gateway`; no module-level state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine import AsyncEngine, EngineStats
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    engine: AsyncEngine | None = None  # None until the lifespan has loaded it
+    metrics: Metrics = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    is_draining: bool = False
+    num_in_flight: int = 0  # API requests being served (streams count until their last event)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.settings, self.read_stats)
+
+    def read_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive and not self.is_draining
+
+    def begin_drain(self) -> None:
+        """Stop taking new requests; the ones in flight go on."""
+        self.is_draining = True
+
+    def require_engine(self) -> AsyncEngine:
+        """The engine, or 503 while it is not loaded, has died, or the server is draining."""
+        if self.is_draining:
+            raise APIError(503, "The server is shutting down.", code="draining")
+        if self.engine is None or not self.engine.is_alive:
+            raise APIError(503, "The engine is not running.", code="engine_dead")
+        return self.engine
