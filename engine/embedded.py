@@ -5,6 +5,7 @@ Converted once (transformers' GGUF reader) into a float32 safetensors directory 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -12,6 +13,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,8 @@ def embedded_model_dir(cache_dir: str | None = None) -> pathlib.Path:
         # Left over from an older layout or damaged by hand: move it aside so the rename below can succeed.
         logger.warning("discarding incomplete embedded model directory %s", target)
         stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.stale-", dir=cache))
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.rename(target, stale / "old")
-        except FileNotFoundError:
-            pass  # another process moved it first
         shutil.rmtree(stale, ignore_errors=True)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.tmp-", dir=cache))
@@ -84,7 +84,7 @@ def convert_gguf(gguf_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The weights are already dequantized; without this, save_pretrained refuses or records a GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -22,6 +22,8 @@ REPLACEMENT_CHAR = "\ufffd"
 NUM_CONTEXT_STEPS = 3
 # Prompt tokens that seed the first window (the prompt's end gives the first generated token its context).
 NUM_PROMPT_CONTEXT_IDS = 5
+# SentencePiece byte runs are held whole up to this many tokens (bounded latency; a longer run decodes as it goes).
+MAX_HELD_BYTE_RUN = 16
 
 
 class Tokenizer:
@@ -100,7 +102,8 @@ class IncrementalDetokenizer:
     once it does not end in U+FFFD (half a character). `prefix_offset` trails a few steps behind, always on a character
     boundary, so context-dependent spacing matches the full decode. With skip_special_tokens, special ids are dropped on
     arrival, as decode() itself drops them before decoding. A run of SentencePiece byte tokens is held until it ends,
-    because one invalid byte turns the whole run into U+FFFD; a run of invalid bytes is held until text follows it.
+    because one invalid byte turns the whole run into U+FFFD (runs longer than MAX_HELD_BYTE_RUN decode as they go);
+    a run of invalid bytes is held until text follows it.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
@@ -111,14 +114,16 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._boundaries: deque[int] = deque([0], maxlen=NUM_CONTEXT_STEPS)  # recent read offsets; [0] starts the window
         self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], cached between steps
+        self._num_run_bytes = 0  # length of the SentencePiece byte-token run at the end of the ids
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the new text that is safe to emit (possibly empty)."""
         if token_id in self._skipped_ids:
             return ""
         self._ids.append(token_id)
-        if token_id in self._tokenizer.byte_fallback_ids:
-            return ""  # the byte run may go on, and its decode depends on all of it
+        self._num_run_bytes = self._num_run_bytes + 1 if token_id in self._tokenizer.byte_fallback_ids else 0
+        if 0 < self._num_run_bytes < MAX_HELD_BYTE_RUN:
+            return ""  # the run may go on, and one invalid byte anywhere in it turns all of it into U+FFFD
         return self._advance(is_final=False)
 
     def flush(self) -> str:

@@ -1,0 +1,67 @@
+"""Session fixtures shared by every test: the embedded SmolLM2 model and tiny random Mistral checkpoints, all offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported anywhere: tests never reach the Hub
+
+import pathlib
+import shutil
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> pathlib.Path:
+    """The converted SmolLM2-135M-Instruct directory, cached under <repo>/.cache/sirocco (gitignored) across runs."""
+    from engine.embedded import embedded_model_dir as convert_or_find
+
+    return convert_or_find(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
+
+
+def write_tiny_mistral(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None) -> pathlib.Path:
+    """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # transformers 5 spelling of rope_theta
+        sliding_window=sliding_window,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # large enough that logits differ meaningfully between tokens
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)  # float32, weights drawn with std initializer_range
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> pathlib.Path:
+    """Tiny random Mistral without a sliding window (full causal attention)."""
+    return write_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral"), embedded_model_dir, sliding_window=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_sliding_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> pathlib.Path:
+    """Tiny random Mistral with sliding_window=8, short enough that tests cross it."""
+    return write_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral_sliding"), embedded_model_dir, sliding_window=8)
