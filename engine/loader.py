@@ -101,23 +101,24 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
         model = MistralForCausalLM(model_config)
     model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
-    unfilled = {name: p.numel() for name, p in params.items()}
+    expected = _checkpoint_names(params)
+    seen: set[str] = set()
     unexpected: list[str] = []
     for file in files:
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                target, rows = _target(model, name)
-                if target not in params:
+                if name not in expected:
                     if not (name == "lm_head.weight" and model.lm_head is None) and "rotary_emb" not in name:
                         unexpected.append(name)
                     continue
+                target, rows = _target(model, name)
                 tensor = f.get_tensor(name)
                 dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
                 if dest.shape != tensor.shape:
                     raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
                 dest.copy_(tensor)
-                unfilled[target] -= tensor.numel()
-    missing = sorted(name for name, left in unfilled.items() if left != 0)
+                seen.add(name)
+    missing = sorted(expected - seen)
     if missing or unexpected:
         raise ModelLoadError(
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
@@ -126,6 +127,19 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
     return model
+
+
+def _checkpoint_names(params: dict[str, torch.nn.Parameter]) -> set[str]:
+    """The Hugging Face tensor names that fill our parameters (a fused matrix is filled by several)."""
+    shards: dict[str, list[str]] = {}
+    for hf_name, (fused, _) in PACKED_MODULES.items():
+        shards.setdefault(fused, []).append(hf_name)
+    names = set()
+    for name in params:
+        parts = name.split(".")
+        fused = next((p for p in parts if p in shards), None)
+        names.update([name] if fused is None else (name.replace(f".{fused}.", f".{hf}.") for hf in shards[fused]))
+    return names
 
 
 def _target(model: MistralForCausalLM, name: str) -> tuple[str, tuple[int, int] | None]:
