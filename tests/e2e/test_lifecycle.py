@@ -70,9 +70,9 @@ def test_full_waiting_queue_is_429_with_retry_after(server: ServerProcess) -> No
     deadline = time.monotonic() + 10
     while server.metric("sirocco_requests_waiting") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0) as client:
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0)
+    with client, pytest.raises(openai.RateLimitError) as caught:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     assert caught.value.response.headers["retry-after"] == "2"
     assert caught.value.body["type"] == "rate_limit_error"
     running.join(60)
