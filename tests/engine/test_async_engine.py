@@ -1,0 +1,114 @@
+"""AsyncEngine: streaming deltas, abort on close, queue bound, per-request failure, loop death."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from engine import AsyncEngine, EngineConfig, EngineDeadError, EngineOverloadedError, RequestFailedError, SamplingParams
+from engine.outputs import RequestOutput
+
+PROMPT = [100, 200, 300, 400, 500, 600, 700]
+
+
+@pytest.fixture
+def engine(tiny_mistral_sliding_dir: pathlib.Path) -> Iterator[AsyncEngine]:
+    engine = AsyncEngine(EngineConfig(model=str(tiny_mistral_sliding_dir), max_waiting_requests=4))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(engine: AsyncEngine, request_id: str, params: SamplingParams) -> list[RequestOutput]:
+    return [delta async for delta in engine.generate(request_id, PROMPT, params)]
+
+
+def test_stream_adds_up_to_the_offline_result(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2)
+    deltas = asyncio.run(_collect(engine, "a", params))
+    assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+    final = deltas[-1]
+    assert final.usage is not None and final.usage.prompt_tokens == len(PROMPT) and final.usage.completion_tokens == 24
+    assert final.queue_s is not None and final.queue_s >= 0
+    for index in (0, 1):
+        parts = [c for d in deltas for c in d.outputs if c.index == index]
+        assert sum(len(c.token_ids) for c in parts) == 12
+        assert [c.finish_reason for c in parts if c.finish_reason] == ["length"]
+        assert parts[-1].finish_reason == "length"
+        offline = engine.engine.tokenizer.decode([t for c in parts for t in c.token_ids])
+        assert "".join(c.text for c in parts) == offline
+
+
+def test_closing_the_stream_aborts_and_frees_blocks(engine: AsyncEngine) -> None:
+    async def read_two_then_leave() -> None:
+        stream = engine.generate("leaver", PROMPT, SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in stream:
+            if engine.stats().kv_cache_usage > 0:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(200):
+            stats = engine.stats()
+            if stats.num_running == 0 and stats.kv_cache_usage == 0.0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"blocks not freed: {engine.stats()}")
+
+    asyncio.run(read_two_then_leave())
+
+
+def test_full_queue_is_refused(tiny_mistral_sliding_dir: pathlib.Path) -> None:
+    engine = AsyncEngine(EngineConfig(model=str(tiny_mistral_sliding_dir), max_num_seqs=1, max_waiting_requests=2))
+    engine.start()
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def flood() -> None:
+        running = engine.generate("running", PROMPT, long)
+        await running.__anext__()  # type: ignore[attr-defined]
+        waiting = [asyncio.ensure_future(_collect(engine, f"w{i}", SamplingParams(max_tokens=2))) for i in range(2)]
+        while engine.stats().num_waiting < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineOverloadedError, match="waiting queue is full"):
+            await _collect(engine, "refused", SamplingParams(max_tokens=2))
+        await running.aclose()  # type: ignore[attr-defined]
+        done = await asyncio.gather(*waiting)  # the queued ones are served once the long one leaves
+        assert all(d[-1].finished for d in done)
+
+    try:
+        asyncio.run(flood())
+    finally:
+        engine.shutdown()
+
+
+def test_one_failing_request_does_not_hurt_the_others(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.engine.tokenizer.token_text
+
+    def broken(token_id: int) -> str:  # only requests asking for logprobs call it
+        raise RuntimeError("tokenizer exploded")
+
+    async def both() -> tuple[BaseException | list[RequestOutput], BaseException | list[RequestOutput]]:
+        good = asyncio.ensure_future(_collect(engine, "good", SamplingParams(max_tokens=8, ignore_eos=True)))
+        bad = asyncio.ensure_future(_collect(engine, "bad", SamplingParams(max_tokens=8, ignore_eos=True, logprobs=7)))
+        return tuple(await asyncio.gather(good, bad, return_exceptions=True))  # type: ignore[return-value]
+
+    monkeypatch.setattr(engine.engine.tokenizer, "token_text", broken)
+    good, bad = asyncio.run(both())
+    assert isinstance(bad, RequestFailedError) and "tokenizer exploded" in str(bad)
+    assert isinstance(good, list) and good[-1].finished and good[-1].usage is not None
+    monkeypatch.setattr(engine.engine.tokenizer, "token_text", real)
+    assert engine.is_alive and engine.stats().kv_cache_usage == 0.0
+
+
+def test_loop_death_fails_pending_requests_and_reports_it(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash() -> None:
+        raise SystemError("the loop broke")
+
+    monkeypatch.setattr(engine.engine, "step", crash)
+    with pytest.raises(EngineDeadError, match="the loop broke"):
+        asyncio.run(_collect(engine, "doomed", SamplingParams(max_tokens=4)))
+    stats = engine.stats()
+    assert not stats.is_alive and stats.error is not None and "the loop broke" in stats.error
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(engine, "after", SamplingParams(max_tokens=4)))
