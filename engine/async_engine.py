@@ -69,7 +69,8 @@ class AsyncEngine:
         """Deltas of one request; raises InvalidRequestError, EngineOverloadedError or EngineDeadError before the first."""
         if not self.is_alive:
             raise EngineDeadError(self._error or "the engine is not running")
-        prompt_ids = self.engine.prepare(prompt, params)
+        # Tokenizing and rendering the chat template take a while for long prompts: off the event loop.
+        prompt_ids = await asyncio.to_thread(self.engine.prepare, prompt, params)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         with self._lock:
             if self._num_waiting() >= self.max_waiting_requests:
