@@ -89,7 +89,9 @@ def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
-    ks = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=logits.device).unsqueeze(1)
+    # min(): a top_k past the vocabulary means all of it, and would overflow int64 in torch.tensor (failing the whole step)
+    top_ks = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
+    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [num_rows, 1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
     top_ps = torch.tensor([r.params.top_p for r in rows], device=logits.device).unsqueeze(1)
