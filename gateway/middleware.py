@@ -12,6 +12,7 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import APIError, error_response, from_engine_error
@@ -19,6 +20,7 @@ from gateway.state import GatewayState
 
 access_logger = logging.getLogger("sirocco.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned; only ever logged
 
 
 class GatewayMiddleware:
@@ -46,6 +48,8 @@ class GatewayMiddleware:
 
         try:
             await self._serve(scope, receive, send_with_id, headers)
+        except ClientDisconnect:
+            status = status or _CLIENT_CLOSED  # hung up while sending the body: nobody to answer, and no server error
         except Exception as exc:  # from_engine_error logs the traceback of anything unexpected
             if status == 0:
                 await error_response(from_engine_error(exc, self.state.settings.retry_after_s))(scope, receive, send_with_id)
