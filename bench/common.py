@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: thread setup, the machine's description, JSON-line output, a matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+import transformers
+
+
+def num_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads() -> int:
+    """Use every core for intra-op parallelism, explicitly (torch's default can differ under cgroup limits)."""
+    cores = num_cores()
+    torch.set_num_threads(cores)
+    return cores
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def emit(record: dict[str, Any], out_path: str | None) -> None:
+    """Print one JSON line, and append it to out_path when given."""
+    line = json.dumps(record, sort_keys=False)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Best observed FLOP/s of a square [size x size] @ [size x size] matmul: the machine's practical compute peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)  # [size, size]
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    c = torch.empty(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b, out=c)  # warm-up
+    synchronize(device)
+    best_s = float("inf")
+    for _ in range(repeats):
+        start_s = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        synchronize(device)
+        best_s = min(best_s, time.perf_counter() - start_s)
+    return 2 * size**3 / best_s
