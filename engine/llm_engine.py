@@ -80,7 +80,15 @@ class LLMEngine:
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, kv_cache, config.block_size, self.device)
+        self.runner = ModelRunner(
+            model,
+            kv_cache,
+            config.block_size,
+            self.device,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enforce_eager=config.enforce_eager,
+        )
         self.requests: dict[str, _Request] = {}
         self.rng = random.Random(config.seed)
         self.num_prompt_tokens = 0

@@ -1,12 +1,14 @@
 """ModelRunner: flattens one scheduled step into model inputs + attention metadata, runs the model, samples.
 
 Logits are computed only at the positions that sample (the last token of each sequence that reaches its end).
+On CUDA, unless enforce_eager, pure-decode steps replay CUDA graphs (cuda_graphs.py) instead of running eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.model.attention import AttentionMetadata
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SampleRow
@@ -14,17 +16,33 @@ from engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: MistralForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: MistralForCausalLM,
+        kv_cache: KVCache,
+        block_size: int,
+        device: torch.device,
+        *,
+        max_num_seqs: int = 1,
+        max_model_len: int = 0,
+        enforce_eager: bool = True,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
+            self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput:
         """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true."""
-        input_ids, positions, slots, sample_idx = [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
         query_start_loc, seq_lens, query_lens = [0], [], []
         bs = self.block_size
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
@@ -40,6 +58,26 @@ class ModelRunner:
                 sample_idx.append(query_start_loc[-1] - 1)
         max_blocks = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+        is_decode_only = len(input_ids) == len(batch.seqs)
+        if is_decode_only and self.decode_graphs is not None and self.decode_graphs.fits(len(batch.seqs), max_blocks):
+            hidden = self.decode_graphs.replay(input_ids, positions, slots, seq_lens, tables)
+        else:
+            hidden = self._run_eager(input_ids, positions, slots, query_start_loc, seq_lens, query_lens, tables)
+        if not sample_idx:
+            return SamplerOutput([], [])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
+        return self.sampler(logits, rows)
+
+    def _run_eager(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        query_start_loc: list[int],
+        seq_lens: list[int],
+        query_lens: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor:
         meta = AttentionMetadata(
             query_start_loc=self._tensor(query_start_loc, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
@@ -48,13 +86,9 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             max_seq_len=max(seq_lens),
-            is_decode_only=len(input_ids) == len(batch.seqs),
+            is_decode_only=len(input_ids) == len(seq_lens),
         )
-        hidden = self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self.kv_cache, meta)
-        if not sample_idx:
-            return SamplerOutput([], [])
-        logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
-        return self.sampler(logits, rows)
+        return self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self.kv_cache, meta)
 
     def _tensor(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(data, dtype=dtype)

@@ -3,7 +3,8 @@
 The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is
 block_id * block_size + offset. Decodes are gathered and run as one padded batch; each prefill chunk attends
 to its cached prefix plus its own causal block. Mistral's sliding window: key j is visible from query i
-when i - window < j <= i, as in Hugging Face.
+when i - window < j <= i, as in Hugging Face. On CUDA tensors both entry points hand over to the Triton kernels in
+triton_attention.py, which tests check against this path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values [num_tokens, num_kv_heads, head_dim] at their slots."""
+    if k.is_cuda:  # GPU-only speedup: a Triton kernel that also skips slot -1 (CUDA-graph padding)
+        from engine.model import triton_attention  # Triton comes with CUDA builds of torch; CPU installs need not have it
+
+        triton_attention.write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -44,6 +50,13 @@ def paged_attention(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """Reference attention for a mixed step (this step's K/V already written) -> [num_tokens, num_heads, head_dim]."""
+    if q.is_cuda:  # GPU-only speedup: Triton kernels that read the paged cache in place, no host sync
+        from engine.model import triton_attention
+
+        max_query_len = max(meta.query_lens_cpu)
+        return triton_attention.paged_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, max_query_len, scale, sliding_window
+        )
     out = torch.empty_like(q)
     decode_rows = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
     if decode_rows:

@@ -1,0 +1,135 @@
+"""The CUDA path against the CPU reference: Triton kernels compiled on the GPU, and the engine's greedy outputs on CUDA
+(eager and with CUDA graphs) equal to the CPU engine's on the tiny fixture models, the embedded model and a model with
+Mistral-7B layer shapes. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+import pathlib
+import random
+import shutil
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.outputs import RequestOutput
+from tests.engine.test_triton_attention import CASES, Case, case_errors
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda")
+# Small budgets so that steps mix decodes with chunked prefills, and graphs are padded (5 prompts, sizes 1, 2, 4, 8).
+ENGINE_KWARGS = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "kv_cache_gib": 0.25}
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who " * 4,  # > 64 tokens: chunked
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who " * 4 + "never",  # cached prefix
+    "1, 2, 3, 4,",
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compiled_kernels_match_reference_fp32(case: Case) -> None:
+    errors = case_errors(case, CUDA, torch.float32)
+    assert errors["write"] == 0.0
+    assert errors["attention"] < 1e-4, errors
+    assert errors["padded_row"] == 0.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compiled_kernels_match_reference_bf16(case: Case) -> None:
+    errors = case_errors(case, CUDA, torch.bfloat16)
+    assert errors["write"] == 0.0
+    assert errors["attention"] < 3e-2, errors
+
+
+def _generate(model_dir: pathlib.Path, prompts: list, max_tokens: int = 24, **kwargs: object) -> tuple[list[RequestOutput], int]:
+    """Greedy outputs with top-5 logprobs, and how many decode steps replayed a CUDA graph."""
+    llm = LLM(model=str(model_dir), **ENGINE_KWARGS, **kwargs)  # type: ignore[arg-type]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=5))
+    graphs = llm.engine.runner.decode_graphs
+    num_replays = graphs.num_replays if graphs is not None else 0
+    del llm, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return outputs, num_replays
+
+
+def assert_same_greedy(reference: list[RequestOutput], candidate: list[RequestOutput], max_gap: float) -> None:
+    """Token ids equal; a divergence is allowed only at a near-tie of the reference (top logprob gap < max_gap),
+    after which the two continuations no longer share a prefix and are not compared."""
+    for ref, cand in zip(reference, candidate, strict=True):
+        ref_ids, cand_ids = ref.outputs[0].token_ids, cand.outputs[0].token_ids
+        assert len(cand_ids) == len(ref_ids)
+        for step, (a, b) in enumerate(zip(ref_ids, cand_ids, strict=True)):
+            if a == b:
+                continue
+            position = ref.outputs[0].logprobs[step]  # type: ignore[index]
+            alternatives = {lp.token_id: lp.logprob for lp in position.top}
+            assert b in alternatives, f"step {step}: {b} is not among the reference's top 5 {alternatives}"
+            gap = position.sampled.logprob - alternatives[b]
+            assert gap < max_gap, f"step {step}: {ref_ids} vs {cand_ids} diverge where the reference is sure ({gap:.4f})"
+            break
+
+
+@pytest.mark.parametrize("model", ["tiny_mistral_dir", "tiny_mistral_sliding_dir", "embedded_model_dir"])
+def test_cuda_fp32_greedy_equals_cpu(model: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(model)
+    cpu, _ = _generate(model_dir, TEXT_PROMPTS, device="cpu")
+    eager, eager_replays = _generate(model_dir, TEXT_PROMPTS, device="cuda", dtype="float32", enforce_eager=True)
+    graphs, replays = _generate(model_dir, TEXT_PROMPTS, device="cuda", dtype="float32")
+    assert eager_replays == 0 and replays > 0
+    assert_same_greedy(cpu, eager, max_gap=1e-3)
+    assert_same_greedy(cpu, graphs, max_gap=1e-3)
+    assert [r.outputs[0].token_ids for r in graphs] == [r.outputs[0].token_ids for r in eager]
+
+
+def test_cuda_greedy_survives_preemption(tiny_mistral_sliding_dir: pathlib.Path) -> None:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(3, 90))] for _ in range(16)]
+    cpu, _ = _generate(tiny_mistral_sliding_dir, prompts, device="cpu")
+    llm_kwargs = {**ENGINE_KWARGS, "kv_cache_gib": None, "num_kv_blocks": 24}  # 16 sequences of <= 114 tokens do not fit
+    llm = LLM(model=str(tiny_mistral_sliding_dir), device="cuda", dtype="float32", **llm_kwargs)  # type: ignore[arg-type]
+    squeezed = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=5))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == 24
+    assert_same_greedy(cpu, squeezed, max_gap=1e-3)
+
+
+def test_cuda_bf16_follows_cpu_fp32(embedded_model_dir: pathlib.Path) -> None:
+    """bf16 on the GPU (the production dtype) tracks fp32 on the CPU until a near-tie."""
+    cpu, _ = _generate(embedded_model_dir, TEXT_PROMPTS, device="cpu")
+    bf16, replays = _generate(embedded_model_dir, TEXT_PROMPTS, device="cuda")
+    assert replays > 0
+    assert_same_greedy(cpu, bf16, max_gap=0.5)
+
+
+@pytest.fixture(scope="module")
+def mistral_7b_layers_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> pathlib.Path:
+    """Two layers with Mistral-7B's shapes (hidden 4096, 32 heads, 8 KV heads, intermediate 14336, vocab 32768)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    out_dir = tmp_path_factory.mktemp("mistral_7b_layers")
+    config = MistralConfig(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        initializer_range=0.05, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model_dir / name, out_dir / name)
+    return out_dir
+
+
+def test_cuda_7b_layer_shapes_greedy_equals_cpu(mistral_7b_layers_dir: pathlib.Path) -> None:
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 32768) for _ in range(n)] for n in (5, 40, 130)]
+    cpu, _ = _generate(mistral_7b_layers_dir, prompts, max_tokens=8, device="cpu")
+    gpu, replays = _generate(mistral_7b_layers_dir, prompts, max_tokens=8, device="cuda", dtype="float32")
+    assert replays > 0
+    assert_same_greedy(cpu, gpu, max_gap=1e-3)
