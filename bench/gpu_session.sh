@@ -21,10 +21,10 @@ $PY -c "import torch, transformers, triton; print(torch.__version__, transformer
 
 set -o pipefail
 start=$(date +%s)
-timeout 300 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
+timeout 200 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
 echo "pytest exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/pytest-cuda.log"
 
 start=$(date +%s)
-timeout 360 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
-  --num-requests 1000 --deadline-s 120 --hf-requests 16 "$@" 2>&1 | tee "$OUT/bench.log"
+timeout 330 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
+  --num-requests 1000 --deadline-s 90 --hf-requests 16 "$@" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/bench.log"
