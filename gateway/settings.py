@@ -27,23 +27,35 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIROCCO_", extra="ignore", populate_by_name=True)
 
     # Model and engine (passed to EngineConfig)
-    model: str | None = Field(None, description="Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct")
-    served_model_name: str | None = Field(None, description="Model name clients send and /v1/models lists; unset: the model argument")
+    model: str | None = Field(
+        None, description="Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists; unset: the model argument"
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model")
     hf_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("SIROCCO_HF_TOKEN", "HF_TOKEN", "hf_token"),
         description="Hugging Face token for gated or private repos (also read from HF_TOKEN)",
     )
-    download_dir: str | None = Field(None, description="Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)")
+    download_dir: str | None = Field(
+        None, description="Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
+    )
     cache_dir: str | None = Field(None, description="Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
+    )
     device: str | None = Field(None, description="cuda, cuda:N or cpu; unset: cuda when available")
     max_model_len: int | None = Field(None, ge=1, description="Context length (prompt + output); unset: the model's")
     block_size: int = Field(16, description="Tokens per KV-cache block")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; unset: sized from memory")
-    kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache size in GiB; unset: 1 on CPU, gpu_memory_utilization on CUDA")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory for weights, activations and KV cache")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV-cache size in GiB; unset: 1 on CPU, gpu_memory_utilization on CUDA"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory for weights, activations and KV cache"
+    )
     max_num_seqs: int = Field(128, ge=1, description="Most sequences running at once")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step")
     max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue bound; beyond it requests get 429")
@@ -57,7 +69,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Comma-separated Bearer keys; empty: no authentication"
     )
-    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated CORS origins; empty: CORS off")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated CORS origins; empty: CORS off"
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
@@ -67,15 +81,23 @@ class Settings(BaseSettings):
     # Limits on user input
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413")
     max_n: int = Field(16, ge=1, le=128, description="Largest n (choices per request)")
-    max_tokens_limit: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask; unset: the context length")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest max_tokens a request may ask; unset: the context length"
+    )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request")
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
     max_logprobs: int = Field(20, ge=0, le=20, description="Largest logprobs / top_logprobs")
 
     # Prometheus histogram buckets (seconds)
-    ttft_buckets_s: Annotated[list[float], NoDecode] = Field(list(_TTFT_BUCKETS), description="Time-to-first-token histogram buckets")
-    itl_buckets_s: Annotated[list[float], NoDecode] = Field(list(_ITL_BUCKETS), description="Inter-token latency histogram buckets")
-    e2e_buckets_s: Annotated[list[float], NoDecode] = Field(list(_E2E_BUCKETS), description="End-to-end latency histogram buckets")
+    ttft_buckets_s: Annotated[list[float], NoDecode] = Field(
+        list(_TTFT_BUCKETS), description="Time-to-first-token histogram buckets"
+    )
+    itl_buckets_s: Annotated[list[float], NoDecode] = Field(
+        list(_ITL_BUCKETS), description="Inter-token latency histogram buckets"
+    )
+    e2e_buckets_s: Annotated[list[float], NoDecode] = Field(
+        list(_E2E_BUCKETS), description="End-to-end latency histogram buckets"
+    )
     queue_buckets_s: Annotated[list[float], NoDecode] = Field(list(_E2E_BUCKETS), description="Queue time histogram buckets")
 
     _split = field_validator(
