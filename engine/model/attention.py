@@ -1,7 +1,7 @@
 """Grouped-query attention over the paged KV cache: the plain PyTorch reference path (CPU and tests).
 
 The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is
-block_id * block_size + offset. Decodes are gathered and run as one padded batch; each prefill chunk attends
+block_id * block_size + offset. Decodes are gathered and run as padded batches of similar lengths; each prefill chunk attends
 to its cached prefix plus its own causal block. Mistral's sliding window: key j is visible from query i
 when i - window < j <= i, as in Hugging Face. On CUDA tensors both entry points hand over to the Triton kernels in
 triton_attention.py, which tests check against this path.
@@ -84,31 +84,48 @@ def _decode_batch(
     sliding_window: int | None,
     out: torch.Tensor,
 ) -> None:
-    if len(rows) == len(meta.query_lens_cpu):  # pure decode: token i belongs to sequence i
-        token_idx = seq_idx = torch.arange(len(rows), device=q.device)
-        seq_lens = meta.seq_lens
-        max_len = meta.max_seq_len
-    else:
-        seq_idx = torch.tensor(rows, device=q.device)
+    """Single-token queries, batched in groups of similar length so little time goes to gathering padding."""
+    for group in _length_groups(rows, meta.seq_lens_cpu):
+        seq_idx = torch.tensor(group, device=q.device)
         token_idx = meta.query_start_loc[seq_idx].long()
-        seq_lens = meta.seq_lens[seq_idx]
-        max_len = max(meta.seq_lens_cpu[i] for i in rows)
-    k, v = _gather(k_cache, v_cache, meta.block_tables[seq_idx], max_len)  # [num_decodes, max_len, num_kv_heads, head_dim]
-    key_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, max_len]
-    q_pos = (seq_lens - 1).unsqueeze(1)  # [num_decodes, 1]
-    mask = _visible(q_pos, key_pos, sliding_window).unsqueeze(1)  # [num_decodes, 1, max_len]
-    out[token_idx] = _sdpa(q[token_idx].unsqueeze(1), k, v, mask, scale)[:, 0]
+        max_len = max(meta.seq_lens_cpu[i] for i in group)
+        k, v = _gather(k_cache, v_cache, meta.block_tables[seq_idx], max_len)  # [group, max_len, num_kv_heads, head_dim]
+        q_pos = (meta.seq_lens[seq_idx] - 1).unsqueeze(1)  # [group, 1]
+        mask = _visible(q_pos, torch.arange(max_len, device=q.device).unsqueeze(0), sliding_window)  # [group, max_len]
+        # The query heads sharing one KV head act as that head's "query rows": no K/V copy per query head.
+        num_kv_heads = k.shape[2]
+        qg = q[token_idx].view(len(group), num_kv_heads, -1, q.shape[-1])  # [group, num_kv_heads, heads_per_kv, head_dim]
+        attn = F.scaled_dot_product_attention(
+            qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
+        )  # [group, num_kv_heads, heads_per_kv, head_dim]
+        out[token_idx] = attn.reshape(len(group), -1, q.shape[-1])
+
+
+def _length_groups(rows: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Rows sorted by length, cut where a length exceeds 1.3x the shortest of its group (groups of 4 or more)."""
+    ordered = sorted(rows, key=lambda i: seq_lens[i])
+    groups: list[list[int]] = [[]]
+    for i in ordered:
+        group = groups[-1]
+        if len(group) >= 4 and seq_lens[i] > 1.3 * seq_lens[group[0]]:
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
 
 
 def _gather(
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V of each sequence's first max_len positions: [num_seqs, max_len, num_kv_heads, head_dim]."""
-    block_size = k_cache.shape[1]
+    num_cache_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
     num_blocks = -(-max_len // block_size)
-    tables = block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
-    shape = (tables.shape[0], num_blocks * block_size, *k_cache.shape[2:])
-    return k_cache[tables].view(shape)[:, :max_len], v_cache[tables].view(shape)[:, :max_len]
+    ids = block_tables[:, :num_blocks].reshape(-1).long()  # [num_seqs * num_blocks]
+    shape = (block_tables.shape[0], num_blocks * block_size, *k_cache.shape[2:])
+    # Whole blocks as rows: one contiguous copy each, faster than indexing the 4-D cache.
+    k = k_cache.view(num_cache_blocks, -1).index_select(0, ids).view(shape)
+    v = v_cache.view(num_cache_blocks, -1).index_select(0, ids).view(shape)
+    return k[:, :max_len], v[:, :max_len]
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
