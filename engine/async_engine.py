@@ -135,6 +135,8 @@ class AsyncEngine:
                 self.engine.add_request(request_id, prompt_ids, params)
             except Exception as exc:
                 self._deliver(request_id, exc)
+        # Count the new requests as waiting now, not after the next step: until then the queue bound would not see them.
+        self._stats = self.engine.stats()
 
     def _deliver(self, request_id: str, item: _Item) -> None:
         with self._lock:
