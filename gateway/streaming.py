@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from gateway.errors import error_body, from_engine_error
 from gateway.metrics import Metrics, RequestTimer
 from gateway.protocol import GenerationRequest, check_model
 from gateway.state import GatewayState
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -123,6 +126,8 @@ class EngineRequests:
 async def submit(state: GatewayState, request_id: str, body: GenerationRequest, prompts: Sequence[Prompt]) -> EngineRequests:
     """Check the body against the server, then start one engine request per prompt (engine errors raise here)."""
     settings = state.settings
+    if settings.log_requests:  # opt-in only: bodies and prompts may hold private data
+        logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True))
     check_model(body.model, settings.model_name)
     body.check(settings)
     params = body.sampling_params(settings.max_tokens_limit)

@@ -113,3 +113,11 @@ def test_stream_without_usage_and_with_echo_and_logprobs(client: TestClient) -> 
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True, "logprobs": 0}
     chunks = sse_json(client.post("/v1/completions", json=body).text)
     assert [chunk["choices"][0]["logprobs"]["text_offset"] for chunk in chunks] == [[0], [3]]
+
+
+def test_bodies_are_logged_only_when_asked(make_client, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("INFO")
+    complete(make_client(), prompt="secret-prompt-one", max_tokens=1)
+    assert "secret-prompt-one" not in caplog.text
+    complete(make_client(log_requests=True), prompt="secret-prompt-two", max_tokens=1)
+    assert "secret-prompt-two" in caplog.text
