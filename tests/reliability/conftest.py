@@ -6,107 +6,30 @@ Everything runs on 127.0.0.1 with the embedded model, a small KV cache and small
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.server import IDLE_GAUGES, MODEL, REPO_ROOT, ServerProcess
+from tests.server import start_server as start_shared
+
 FAULT_SERVER = pathlib.Path(__file__).with_name("fault_server.py")
-MODEL = "SmolLM2-135M-Instruct"
 ERROR_FIELDS = {"message", "type", "param", "code"}
+__all__ = ["IDLE_GAUGES", "MODEL", "REPO_ROOT", "Server", "start_server"]  # re-exported for the test modules
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """`sirocco serve` (or the fault-injecting launcher) with SIROCCO_* settings; its log goes to a file."""
-
-    def __init__(self, log_path: pathlib.Path, settings: dict[str, str], with_faults: bool = False) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "SIROCCO_CACHE_DIR": str(REPO_ROOT / ".cache" / "sirocco"),
-            "SIROCCO_KV_CACHE_GIB": "0.25",
-            "SIROCCO_MAX_MODEL_LEN": "1024",
-            **settings,
-        }
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        launcher = [str(FAULT_SERVER)] if with_faults else ["-m", "gateway"]
-        command = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
-
-    def log(self, since: int = 0) -> str:
-        """The log, from character `since` on (take len(server.log()) before an action to see only what it logged)."""
-        return self.log_path.read_text(errors="replace")[since:]
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(sirocco_\w+) (\S+)$", text, re.MULTILINE)}
-
-    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, float]:
-        """Wait until nothing runs or waits and no KV block is in use; return the last metrics either way."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            metrics = self.metrics()
-            idle = all(metrics[name] == 0 for name in IDLE_GAUGES)
-            if idle or time.monotonic() > deadline:
-                return metrics
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
-IDLE_GAUGES = ("sirocco_requests_running", "sirocco_requests_waiting", "sirocco_kv_cache_usage_ratio")
+Server = ServerProcess
 
 
 def start_server(
     tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path, with_faults: bool = False, **settings: str
 ) -> Iterator[Server]:
-    assert embedded_model_dir.is_dir()  # the shared fixture converts the embedded model once
-    server = Server(tmp_path_factory.mktemp("server") / "server.log", settings, with_faults)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    """The shared server fixture; with_faults starts the fault-injecting launcher instead of `python -m gateway`."""
+    yield from start_shared(tmp_path_factory, embedded_model_dir, FAULT_SERVER if with_faults else None, **settings)
 
 
 def assert_error_envelope(response: httpx.Response) -> dict[str, Any]:
