@@ -1,15 +1,27 @@
-"""Serving benchmark: the offline workload sent through `sirocco serve` by AsyncOpenAI clients at several concurrencies.
+"""Serving benchmark: bench/offline.py's workload sent through `sirocco serve` by AsyncOpenAI clients at several concurrencies.
 
-Prints one JSON line per concurrency (TTFT and inter-token latency p50/p99, output tokens/s) and one line comparing
-served throughput at the highest concurrency with engine-only throughput (engine.LLM) on the same workload, same run.
+One process, in order (never both at once):
+  1. engine only: engine.LLM in this process runs the offline workload (bench.offline.run_sirocco, after
+     bench.offline.warm_up_sirocco); then it is freed (del + gc);
+  2. served: a `sirocco serve` subprocess on 127.0.0.1 with the same engine settings (max_num_seqs,
+     max_num_batched_tokens, the same number of KV blocks, prefix caching) and the same torch thread count; one
+     warm-up request, then each concurrency level streams its requests through /v1/completions (token-id prompts,
+     temperature 0, ignore_eos, max_tokens = the request's own).
+Prints one JSON line for the engine-only run, one per concurrency (TTFT and inter-token latency p50/p99, output
+tokens/s) and one comparing served throughput at the highest concurrency with engine-only throughput on the same
+requests (the offline workload with --seed). Lower levels use the same generator with their own seeds, so no level
+finds another's prompts in the prefix cache (each line reports the prefix-cache hits it caused).
+
+    python -m bench.serve --out bench/results/serve-cpu.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
-import random
+import re
 import socket
 import subprocess
 import sys
@@ -19,45 +31,42 @@ from typing import Any
 
 import httpx
 import openai
+import torch
 
-from bench.common import emit, num_cores
+from bench.common import describe_device, emit, set_threads, versions
+from bench.offline import BenchRequest, make_workload, run_sirocco, warm_up_sirocco
+from engine import LLM
 
-MODEL = "SmolLM2-135M-Instruct"
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_ids: list[int]
-    max_tokens: int
+# The same request as bench.offline.warm_up_sirocco: token ids 1..8 are special tokens in SmolLM2 (never in a workload
+# prompt, which draws from the normal vocabulary) and 8 tokens fill no KV block, so nothing of it is prefix-cached.
+WARM_UP = BenchRequest([1, 2, 3, 4, 5, 6, 7, 8], 4)
 
 
 @dataclass
 class Timing:
     ttft_s: float = 0.0
-    itl_s: list[float] = field(default_factory=list)
-    num_tokens: int = 0
-
-
-def make_workload(num_requests: int, seed: int, vocab_size: int, min_prompt: int = 32, max_prompt: int = 384) -> list[Request]:
-    """Seeded random-token prompts of 32..384 tokens, 16..128 output tokens each (EOS ignored): the offline workload."""
-    rng = random.Random(seed)
-    return [
-        Request([rng.randrange(vocab_size) for _ in range(rng.randint(min_prompt, max_prompt))], rng.randint(16, 128))
-        for _ in range(num_requests)
-    ]
+    itl_s: list[float] = field(default_factory=list)  # gaps between chunks that carry text
+    num_chunks: int = 0
+    num_tokens: int = 0  # completion_tokens from the final usage chunk
 
 
 def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def _one(client: openai.AsyncOpenAI, request: Request) -> Timing:
+async def _one(client: openai.AsyncOpenAI, model: str, request: BenchRequest) -> Timing:
     timing = Timing()
     start_s = last_s = time.perf_counter()
     stream = await client.completions.create(
-        model=MODEL,
-        prompt=request.prompt_ids,
+        model=model,
+        prompt=request.prompt_token_ids,
         max_tokens=request.max_tokens,
         temperature=0,
         stream=True,
@@ -70,21 +79,24 @@ async def _one(client: openai.AsyncOpenAI, request: Request) -> Timing:
             timing.num_tokens = chunk.usage.completion_tokens
         if not chunk.choices or not chunk.choices[0].text:
             continue
-        if timing.ttft_s == 0.0:
+        if timing.num_chunks == 0:
             timing.ttft_s = now_s - start_s
         else:
             timing.itl_s.append(now_s - last_s)
+        timing.num_chunks += 1
         last_s = now_s
+    if timing.num_tokens != request.max_tokens:
+        raise RuntimeError(f"the server generated {timing.num_tokens} tokens for a request of {request.max_tokens}")
     return timing
 
 
-async def run_level(base_url: str, workload: list[Request], concurrency: int) -> dict[str, Any]:
+async def run_level(base_url: str, model: str, workload: list[BenchRequest], concurrency: int) -> dict[str, Any]:
     limit = asyncio.Semaphore(concurrency)
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=600) as client:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
 
-        async def bounded(request: Request) -> Timing:
+        async def bounded(request: BenchRequest) -> Timing:
             async with limit:
-                return await _one(client, request)
+                return await _one(client, model, request)
 
         start_s = time.perf_counter()
         timings = await asyncio.gather(*(bounded(request) for request in workload))
@@ -95,36 +107,29 @@ async def run_level(base_url: str, workload: list[Request], concurrency: int) ->
     return {
         "bench": "serve",
         "concurrency": concurrency,
-        "num_requests": len(workload),
-        "ttft_p50_s": percentile(ttft, 0.5),
-        "ttft_p99_s": percentile(ttft, 0.99),
-        "itl_p50_s": percentile(itl, 0.5),
-        "itl_p99_s": percentile(itl, 0.99),
+        "requests": len(workload),
+        "ttft_p50_s": round(percentile(ttft, 0.5), 4),
+        "ttft_p99_s": round(percentile(ttft, 0.99), 4),
+        "itl_p50_s": round(percentile(itl, 0.5), 4),
+        "itl_p99_s": round(percentile(itl, 0.99), 4),
         "output_tokens": num_tokens,
-        "wall_s": wall_s,
-        "output_tokens_per_s": num_tokens / wall_s,
+        "text_chunks": sum(t.num_chunks for t in timings),
+        "seconds": round(wall_s, 3),
+        "output_tok_per_s": round(num_tokens / wall_s, 2),
     }
 
 
-def engine_only_throughput(workload: list[Request], engine_kwargs: dict[str, Any]) -> float:
-    """Output tokens/s of engine.LLM running the same workload, all requests submitted at once."""
-    from engine import LLM, SamplingParams
-
-    llm = LLM(**engine_kwargs)
-    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in workload]
-    llm.generate([workload[0].prompt_ids], params[:1])  # warm-up
-    start_s = time.perf_counter()
-    outputs = llm.generate([r.prompt_ids for r in workload], params)
-    wall_s = time.perf_counter() - start_s
-    return sum(len(choice.token_ids) for output in outputs for choice in output.outputs) / wall_s
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, **env})
+    """`sirocco serve` (python -m gateway serve) on a free loopback port; returns once /health answers 200."""
+    port = _free_port()
+    command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -138,38 +143,110 @@ def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the server did not become ready")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="model directory or repo id (default: the embedded model)")
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency, at least 8")
-    parser.add_argument("--max-num-seqs", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    args = parser.parse_args()
-    levels = [int(level) for level in args.concurrency.split(",")]
-    env = {"SIROCCO_MAX_NUM_SEQS": str(args.max_num_seqs), "SIROCCO_LOG_LEVEL": "warning"}
-    if args.model:
-        env["SIROCCO_MODEL"] = args.model
-    vocab_size = 32000  # below every Mistral-family vocabulary (and SmolLM2's 49152)
-    workloads = {c: make_workload(args.requests_per_level or max(8, 2 * c), args.seed + c, vocab_size) for c in levels}
-
-    engine_tps = engine_only_throughput(workloads[max(levels)], {"model": args.model, "max_num_seqs": args.max_num_seqs})
-    process, base_url = start_server(env)
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()  # SIGTERM drains: nothing is in flight by now
     try:
-        served: dict[int, float] = {}
-        for concurrency in levels:
-            asyncio.run(run_level(base_url, workloads[concurrency][:1], 1))  # warm-up
-            record = asyncio.run(run_level(base_url, workloads[concurrency], concurrency))
-            record["num_cores"] = num_cores()
-            served[concurrency] = record["output_tokens_per_s"]
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def prefix_cache_hits(base_url: str) -> float:
+    """The server's sirocco_prefix_cache_hits counter (prompt tokens found in the prefix cache)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    match = re.search(r"^sirocco_prefix_cache_hits(?:_total)?\s+(\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
+
+
+def server_env(engine_settings: dict[str, Any], threads: int, model: str | None, cache_dir: str | None) -> dict[str, str]:
+    """This environment without any SIROCCO_* variable (only the settings below reach the server), threads pinned."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIROCCO_")}
+    for name, value in engine_settings.items():
+        env[f"SIROCCO_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env |= {"SIROCCO_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if model:
+        env["SIROCCO_MODEL"] = model
+    if cache_dir:
+        env["SIROCCO_CACHE_DIR"] = cache_dir
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="local directory or Hub id; default: the embedded SmolLM2")
+    parser.add_argument("--cache-dir", default=None, help="Sirocco's cache (the converted embedded model)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument("--requests-at-1", type=int, default=8, help="requests at concurrency 1 only (0: --requests)")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels; the highest is compared")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed of the highest level and the engine-only run")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="engine setting, both sides")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine setting, both sides")
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    levels = sorted({int(level) for level in args.concurrency.split(",") if level.strip()})
+    top = levels[-1]
+    load_at_start = round(os.getloadavg()[0], 2)
+    threads = set_threads()
+
+    # 1. Engine only, in this process. The server gets this engine's KV block count, so both caches are the same size.
+    settings: dict[str, Any] = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": True,
+    }
+    llm = LLM(model=args.model, cache_dir=args.cache_dir, **settings)
+    settings["num_kv_blocks"] = llm.engine.block_manager.num_blocks
+    device = llm.engine.device
+    workloads: dict[int, list[BenchRequest]] = {}
+    for i, level in enumerate(levels):
+        seed = args.seed if level == top else args.seed + 1 + i  # own prompts per level: no prefix-cache reuse
+        workloads[level] = make_workload(llm.tokenizer, args.requests, seed)
+    if 1 in workloads and args.requests_at_1 and top != 1:
+        workloads[1] = workloads[1][: args.requests_at_1]
+    warm_up_sirocco(llm)
+    hits_before = llm.engine.stats().prefix_cache_hits
+    engine_only = run_sirocco(llm, workloads[top])
+    engine_only |= {"bench": "serve_engine_only", "prefix_cache_hit_tokens": llm.engine.stats().prefix_cache_hits - hits_before}
+    engine_only |= {"engine_settings": dict(settings)}
+    emit(engine_only, args.out)
+    del llm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. Served, in a subprocess started only now.
+    process, base_url = start_server(server_env(settings, threads, args.model, args.cache_dir))
+    served: dict[int, float] = {}
+    try:
+        model = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(run_level(base_url, model, [WARM_UP], 1))
+        for level in levels:
+            hits_before_level = prefix_cache_hits(base_url)
+            record = asyncio.run(run_level(base_url, model, workloads[level], level))
+            record["prefix_cache_hit_tokens"] = prefix_cache_hits(base_url) - hits_before_level
+            record["workload_seed"] = args.seed if level == top else args.seed + 1 + levels.index(level)
+            if len(workloads[level]) < args.requests:
+                record["note"] = f"concurrency 1 ran the first {len(workloads[level])} requests of its workload (--requests-at-1)"
+            record |= {"device": describe_device(device), "load_avg_1m": round(os.getloadavg()[0], 2)}
+            served[level] = record["output_tok_per_s"]
             emit(record, args.out)
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    top = max(levels)
-    overhead = {"bench": "serve_overhead", "concurrency": top, "served_tokens_per_s": served[top]}
-    overhead |= {"engine_only_tokens_per_s": engine_tps, "ratio": served[top] / engine_tps}
+        stop_server(process)
+
+    overhead: dict[str, Any] = {
+        "bench": "serve_overhead",
+        "concurrency": top,
+        "requests": len(workloads[top]),
+        "served_tok_per_s": served[top],
+        "engine_only_tok_per_s": engine_only["useful_tok_per_s"],
+        "ratio": round(served[top] / engine_only["useful_tok_per_s"], 3),
+        "engine_settings": settings,
+        "torch_threads": threads,
+        "load_avg_1m_at_start": load_at_start,
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        **versions(),
+    }
     emit(overhead, args.out)
 
 
