@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine setting, both sides")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine setting, both sides")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="lower the load generator's CPU priority by this much once the server runs (the server keeps its own): "
+        "on a small box the clients otherwise take CPU from the engine they measure",
+    )
     args = parser.parse_args(argv)
     levels = sorted({int(level) for level in args.concurrency.split(",") if level.strip()})
     top = levels[-1]
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Served, in a subprocess started only now.
     process, base_url = start_server(server_env(settings, threads, args.model, args.cache_dir))
+    if args.client_nice:
+        os.nice(args.client_nice)  # this process only: the server subprocess is already running at normal priority
     served: dict[int, float] = {}
     try:
         model = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     overhead: dict[str, Any] = {
         "bench": "serve_overhead",
+        "client_nice": args.client_nice,
         "concurrency": top,
         "requests": len(workloads[top]),
         "served_tok_per_s": served[top],
