@@ -20,9 +20,17 @@ class SampleRow:
 
     params: SamplingParams
     generator: torch.Generator | None
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # the sequence's prompt + output so far (not copied: only penalties slice it)
+    num_prompt_tokens: int
     stop_ids: frozenset[int]  # EOS (unless ignored) and stop_token_ids, masked until min_tokens is reached
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 @dataclass(slots=True)
@@ -56,13 +64,13 @@ def _apply_processors(logits: torch.Tensor, row: SampleRow) -> None:
         ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[0]], dtype=torch.long, device=logits.device)
         vals = torch.tensor([p.logit_bias[t] for t in p.logit_bias if t < logits.shape[0]], device=logits.device)
         logits.index_add_(0, ids, vals)
-    if len(row.output_token_ids) < p.min_tokens and row.stop_ids:
+    if row.num_output_tokens < p.min_tokens and row.stop_ids:
         logits[[t for t in row.stop_ids if t < logits.shape[0]]] = float("-inf")
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long, device=logits.device)
+        seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+    if (p.presence_penalty or p.frequency_penalty) and row.num_output_tokens:
         out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
         counts = torch.bincount(out, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)  # [vocab]
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
