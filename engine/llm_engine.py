@@ -191,7 +191,7 @@ class LLMEngine:
     def _sample_row(self, seq: Sequence) -> SampleRow:
         request = self.requests[seq.request_id]
         choice = request.choices[seq.index]
-        return SampleRow(request.params, choice.generator, seq.token_ids, seq.num_prompt_tokens, request.stop_ids)
+        return SampleRow(request.params, choice.generator, seq, request.stop_ids)
 
     def _append_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> None:
         seq, params = choice.seq, request.params

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -20,17 +21,8 @@ class SampleRow:
 
     params: SamplingParams
     generator: torch.Generator | None
-    token_ids: list[int]  # the sequence's prompt + output so far (not copied: only penalties slice it)
-    num_prompt_tokens: int
+    seq: Sequence  # read, never copied: only penalties and min_tokens look at its tokens
     stop_ids: frozenset[int]  # EOS (unless ignored) and stop_token_ids, masked until min_tokens is reached
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
 
 @dataclass(slots=True)
@@ -64,14 +56,14 @@ def _apply_processors(logits: torch.Tensor, row: SampleRow) -> None:
         ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[0]], dtype=torch.long, device=logits.device)
         vals = torch.tensor([p.logit_bias[t] for t in p.logit_bias if t < logits.shape[0]], device=logits.device)
         logits.index_add_(0, ids, vals)
-    if row.num_output_tokens < p.min_tokens and row.stop_ids:
+    if row.seq.num_output_tokens < p.min_tokens and row.stop_ids:
         logits[[t for t in row.stop_ids if t < logits.shape[0]]] = float("-inf")
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
+        seen = torch.tensor(sorted(set(row.seq.token_ids)), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.num_output_tokens:
-        out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
+    if (p.presence_penalty or p.frequency_penalty) and row.seq.num_output_tokens:
+        out = torch.tensor(row.seq.output_token_ids, dtype=torch.long, device=logits.device)
         counts = torch.bincount(out, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)  # [vocab]
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 

@@ -7,12 +7,14 @@ import torch
 
 from engine import SamplingParams
 from engine.sampler import Sampler, SampleRow
+from engine.sequence import Sequence
 
 VOCAB = 8
 
 
 def row(params: SamplingParams, token_ids: list[int] | None = None, num_prompt: int = 0, seed: int = 0) -> SampleRow:
-    return SampleRow(params, torch.Generator().manual_seed(seed), token_ids or [], num_prompt, frozenset({7}))
+    seq = Sequence("r", 0, token_ids or [], num_prompt, arrival_s=0.0)
+    return SampleRow(params, torch.Generator().manual_seed(seed), seq, frozenset({7}))
 
 
 def logits(*values: float) -> torch.Tensor:
