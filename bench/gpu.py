@@ -294,23 +294,23 @@ def main(argv: list[str] | None = None) -> None:
         report("ttft", **time_to_first_token(engine, args.ttft_requests, args.prompt_len, args.seed + 2))
     if "slice" in sections:  # fresh prompts (another seed), so that Sirocco's prefix cache holds none of them
         slice_ = make_workload(args.hf_requests, args.prompt_len, args.min_output, args.max_output, vocab, args.seed + 3)
-        run_slice(engine, model_dir, slice_, device, dtype, args, report)
-    else:
-        del engine
-
-
-def run_slice(engine: LLMEngine, model_dir: Path, slice_: list[BenchRequest], device: torch.device, dtype: torch.dtype,
-              args: argparse.Namespace, report: Any) -> None:  # fmt: skip
-    """The same requests through Sirocco, then (engine freed) transformers' engines; ratios in the last record."""
-    ours = run_workload(engine, slice_, float("inf"))
-    useful = sum(r.max_tokens for r in slice_)
-    sirocco_rate = useful / ours["seconds"]
-    report("slice", engine="sirocco", useful_tok_per_s=round(sirocco_rate, 2), **ours)
+        ours = run_workload(engine, slice_, float("inf"))
+        sirocco_rate = sum(r.max_tokens for r in slice_) / ours["seconds"]
+        report("slice", engine="sirocco", useful_tok_per_s=round(sirocco_rate, 2), **ours)
+    # Free the engine (its KV cache holds most of the GPU) before transformers loads: this frame holds the last reference.
     engine.runner.decode_graphs = None
     del engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if "slice" in sections:
+        compare_hf(sirocco_rate, model_dir, slice_, device, dtype, args, report)
+
+
+def compare_hf(sirocco_rate: float, model_dir: Path, slice_: list[BenchRequest], device: torch.device,
+               dtype: torch.dtype, args: argparse.Namespace, report: Any) -> None:  # fmt: skip
+    """The slice through transformers' engines (Sirocco's engine already freed); ratios in the last record."""
+    useful = sum(r.max_tokens for r in slice_)
     pad_id = 0  # masked out; every prompt has the same length, so nothing is padded
     ratios = {}
     for name in args.hf_engines.split(","):
