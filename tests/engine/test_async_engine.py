@@ -1,14 +1,17 @@
-"""AsyncEngine: streaming deltas, abort on close, queue bound, per-request failure, loop death."""
+"""AsyncEngine: one thread for all torch work, streaming deltas, abort on close, queue bound, per-request failure, loop death."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from engine import AsyncEngine, EngineConfig, EngineDeadError, EngineOverloadedError, RequestFailedError, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.loader import ModelLoadError
 from engine.outputs import RequestOutput
 
 PROMPT = [100, 200, 300, 400, 500, 600, 700]
@@ -112,3 +115,34 @@ def test_loop_death_fails_pending_requests_and_reports_it(engine: AsyncEngine, m
     assert not stats.is_alive and stats.error is not None and "the loop broke" in stats.error
     with pytest.raises(EngineDeadError):
         asyncio.run(_collect(engine, "after", SamplingParams(max_tokens=4)))
+
+
+def test_loading_and_stepping_run_on_the_loop_thread(
+    tiny_mistral_sliding_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Torch work on a second thread costs OpenMP its spin-waiting (see AsyncEngine.__init__): both stay on one thread."""
+    threads: dict[str, set[str]] = {"load": set(), "step": set()}
+
+    class Recording(LLMEngine):
+        def __init__(self, config: EngineConfig) -> None:
+            threads["load"].add(threading.current_thread().name)
+            super().__init__(config)
+
+        def step(self):  # type: ignore[no-untyped-def]
+            threads["step"].add(threading.current_thread().name)
+            return super().step()
+
+    monkeypatch.setattr("engine.async_engine.LLMEngine", Recording)
+    engine = AsyncEngine(EngineConfig(model=str(tiny_mistral_sliding_dir)))
+    engine.start()
+    try:
+        deltas = asyncio.run(_collect(engine, "r", SamplingParams(max_tokens=3, ignore_eos=True)))
+    finally:
+        engine.shutdown()
+    assert sum(len(d.outputs[0].token_ids) for d in deltas) == 3
+    assert threads == {"load": {"sirocco-engine"}, "step": {"sirocco-engine"}}
+
+
+def test_a_load_failure_is_raised_by_the_constructor(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ModelLoadError):
+        AsyncEngine(EngineConfig(model=str(tmp_path)))  # an empty folder: no config.json
