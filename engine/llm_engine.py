@@ -7,6 +7,7 @@ stop strings held back until they can no longer match, max_tokens, context lengt
 from __future__ import annotations
 
 import logging
+import pathlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.embedded import DEFAULT_CACHE_DIR
 from engine.errors import InvalidRequestError
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
+from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampler import SampleRow
@@ -88,12 +91,19 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             enforce_eager=config.enforce_eager,
+            cpu_decode_kernel=self._cpu_decode_kernel(),
         )
         self.requests: dict[str, _Request] = {}
         self.rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks, config.block_size, self.max_model_len)
+
+    def _cpu_decode_kernel(self) -> DecodeKernel | None:
+        """The C decode-attention kernel for fp32 CPU caches (built into Sirocco's cache once), or None."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        return load_decode_kernel(pathlib.Path(self.config.cache_dir or DEFAULT_CACHE_DIR).expanduser())
 
     # --- requests in ---------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import torch
 
 from engine.cuda_graphs import DecodeGraphs
 from engine.model.attention import AttentionMetadata
+from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SampleRow
 from engine.scheduler import ScheduledBatch
@@ -26,12 +27,14 @@ class ModelRunner:
         max_num_seqs: int = 1,
         max_model_len: int = 0,
         enforce_eager: bool = True,
+        cpu_decode_kernel: DecodeKernel | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.cpu_decode_kernel = cpu_decode_kernel
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
             self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
@@ -87,6 +90,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             max_seq_len=max(seq_lens),
             is_decode_only=len(input_ids) == len(seq_lens),
+            cpu_decode_kernel=self.cpu_decode_kernel,
         )
         return self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self.kv_cache, meta)
 

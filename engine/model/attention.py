@@ -1,8 +1,9 @@
 """Grouped-query attention over the paged KV cache: the plain PyTorch reference path (CPU and tests).
 
 The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is
-block_id * block_size + offset. Decodes are gathered and run as padded batches of similar lengths; each prefill chunk attends
-to its cached prefix plus its own causal block. Mistral's sliding window: key j is visible from query i
+block_id * block_size + offset. Decodes are gathered and run as padded batches of similar lengths, or, on fp32 CPU caches
+when the metadata carries it, by the C kernel of cpu_attention.py that reads the blocks in place; each prefill chunk
+attends to its cached prefix plus its own causal block. Mistral's sliding window: key j is visible from query i
 when i - window < j <= i, as in Hugging Face. On CUDA tensors both entry points hand over to the Triton kernels in
 triton_attention.py, which tests check against this path.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from engine.model.cpu_attention import DecodeKernel
 
 
 @dataclass(slots=True)
@@ -27,6 +30,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_seq_len: int
     is_decode_only: bool
+    cpu_decode_kernel: DecodeKernel | None = None  # fp32 CPU decodes through C instead of gather + SDPA
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -59,7 +63,9 @@ def paged_attention(
         )
     out = torch.empty_like(q)
     decode_rows = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-    if decode_rows:
+    if decode_rows and meta.cpu_decode_kernel is not None and q.dtype == torch.float32:
+        _decode_kernel(meta.cpu_decode_kernel, q, k_cache, v_cache, meta, decode_rows, scale, sliding_window, out)
+    elif decode_rows:
         _decode_batch(q, k_cache, v_cache, meta, decode_rows, scale, sliding_window, out)
     starts = meta.query_start_loc.tolist() if len(decode_rows) < len(meta.query_lens_cpu) else []
     for i, query_len in enumerate(meta.query_lens_cpu):
@@ -76,6 +82,25 @@ def paged_attention(
         mask = _visible(q_pos.unsqueeze(1), k_pos, sliding_window).unsqueeze(0)  # [1, query_len, seq_len]
         out[start : start + query_len] = _sdpa(q[start : start + query_len].unsqueeze(0), k, v, mask, scale)[0]
     return out
+
+
+def _decode_kernel(
+    kernel: DecodeKernel,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    rows: list[int],
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,
+) -> None:
+    """Every single-token query in one call of the C kernel: blocks read in place, no padding."""
+    tables, seq_lens, q_rows = meta.block_tables, meta.seq_lens, meta.query_start_loc[:-1]
+    if len(rows) < len(meta.query_lens_cpu):  # a mixed step: the decodes only
+        index = torch.tensor(rows)
+        tables, seq_lens, q_rows = tables[index], seq_lens[index], q_rows[index]
+    kernel(q, k_cache, v_cache, tables.contiguous(), seq_lens.contiguous(), q_rows.long(), out, scale, sliding_window)
 
 
 def _decode_batch(

@@ -9,6 +9,7 @@ import torch
 from engine.kv_cache import allocate_kv_cache
 from engine.loader import load_model, read_model_config
 from engine.model import AttentionMetadata, MistralForCausalLM
+from engine.model.cpu_attention import DecodeKernel
 
 BLOCK_SIZE = 16
 
@@ -18,9 +19,12 @@ def load(model_dir: pathlib.Path) -> MistralForCausalLM:
 
 
 @torch.inference_mode()
-def paged_logits(model: MistralForCausalLM, token_ids: list[int], prefill_len: int, chunk: int) -> torch.Tensor:
+def paged_logits(
+    model: MistralForCausalLM, token_ids: list[int], prefill_len: int, chunk: int, decode_kernel: DecodeKernel | None = None
+) -> torch.Tensor:
     """Logits at every position [len(token_ids), vocab]: the first prefill_len tokens in chunks, the rest one at a time.
 
+    decode_kernel: the C decode-attention kernel for the single-token steps (None: the PyTorch reference path).
     Blocks are scattered (a shuffled block table) so that a wrong slot or gather cannot go unnoticed.
     """
     num_blocks = -(-len(token_ids) // BLOCK_SIZE) + 3
@@ -40,6 +44,7 @@ def paged_logits(model: MistralForCausalLM, token_ids: list[int], prefill_len: i
             seq_lens_cpu=[start + n],
             max_seq_len=start + n,
             is_decode_only=n == 1,
+            cpu_decode_kernel=decode_kernel,
         )
         hidden = model(torch.tensor(token_ids[start : start + n]), torch.tensor(positions), kv, meta)
         out.append(model.compute_logits(hidden))

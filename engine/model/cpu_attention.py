@@ -1,0 +1,127 @@
+"""Decode attention for fp32 CPU caches in C (csrc/decode_attention.c): build, load, call.
+
+Why C: on CPU the reference path (attention.py) copies every decode's K/V blocks into a padded batch, then runs SDPA on
+it; the copy and SDPA's per-row overhead cost several times the arithmetic, and decode attention was about a fifth of
+the offline benchmark's time. The kernel reads each sequence's blocks where they lie, one OpenMP task per (sequence, KV
+head), on the OpenMP runtime torch has already loaded (no second thread pool).
+
+Built once per source, flags and compiler into <cache_dir>/kernels with gcc (an atomic rename makes concurrent builds
+safe), loaded with ctypes. Without gcc, off Linux, without torch's libgomp, or when the build fails, load_decode_kernel
+returns None and the engine keeps the reference path (and says so in the log). A departure from DESIGN.md's "torch
+reference on CPU", kept behind that fallback; tests/engine/test_cpu_attention.py checks it against the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "decode_attention.c"
+# Vectorised reductions need reassociation; no -ffast-math, which may also flip the process's denormal mode.
+FLAGS = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+FLAGS += ("-fopenmp", "-shared", "-fPIC")
+MAX_GROUP = 64  # query heads per KV head, as in the C source
+_C_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64]
+
+
+class DecodeKernel:
+    """The loaded C function, called with tensors; see the C source for the layouts."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.decode_attention
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = _C_ARGS
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] fp32
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+        seq_lens: torch.Tensor,  # [num_seqs] int32
+        q_rows: torch.Tensor,  # [num_seqs] int64: the row of q holding each sequence's query
+        out: torch.Tensor,  # like q; only the q_rows rows are written
+        scale: float,
+        sliding_window: int | None,
+    ) -> None:
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        group = q.shape[1] // num_kv_heads
+        tensors = (q, k_cache, v_cache, block_tables, seq_lens, q_rows, out)
+        if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+            raise ValueError("decode attention kernel: CPU tensors, contiguous")
+        if {q.dtype, k_cache.dtype, v_cache.dtype, out.dtype} != {torch.float32} or out.shape != q.shape:
+            raise ValueError("decode attention kernel: fp32 q, caches and out of q's shape")
+        if (block_tables.dtype, seq_lens.dtype, q_rows.dtype) != (torch.int32, torch.int32, torch.int64):
+            raise ValueError("decode attention kernel: int32 block tables and lengths, int64 rows")
+        if v_cache.shape != k_cache.shape or q.shape[2] != head_dim or not 1 <= group <= MAX_GROUP:
+            raise ValueError("decode attention kernel: mismatched heads or head_dim")
+        num_seqs = seq_lens.shape[0]
+        status = self._fn(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+            q_rows.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_kv_heads, group, head_dim,
+            scale, sliding_window or 0,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("decode attention kernel: out of memory for its score buffers")
+
+
+def load_decode_kernel(cache_dir: pathlib.Path) -> DecodeKernel | None:
+    """The kernel, built into cache_dir/kernels on first use; None (reference path) where it cannot be had."""
+    if platform.system() != "Linux":
+        return None
+    if not _torch_uses_libgomp():
+        logger.info("CPU decode attention: torch's OpenMP is not libgomp; using the PyTorch reference path")
+        return None
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        logger.warning("CPU decode attention: no gcc on PATH; using the slower PyTorch reference path")
+        return None
+    try:
+        return DecodeKernel(ctypes.CDLL(str(_build(compiler, cache_dir))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU decode attention: building the C kernel failed (%s); using the PyTorch reference path", exc)
+        return None
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether the libgomp that torch loaded is in this process: the kernel then shares its OpenMP threads."""
+    torch.get_num_threads()  # torch's CPU library, and its OpenMP runtime, are loaded by now
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return any("libgomp" in line for line in maps)
+
+
+def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version, platform.machine().encode()])).hexdigest()
+    target = cache_dir / "kernels" / f"decode_attention-{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start_s = time.monotonic()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(f"{' '.join(command)}: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    logger.info("CPU decode attention: built %s in %.1f s", target, time.monotonic() - start_s)
+    return target
