@@ -1,9 +1,10 @@
 """Decode attention for fp32 CPU caches in C (csrc/decode_attention.c): build, load, call.
 
 Why C: on CPU the reference path (attention.py) copies every decode's K/V blocks into a padded batch, then runs SDPA on
-it; the copy and SDPA's per-row overhead cost several times the arithmetic, and decode attention was about a fifth of
-the offline benchmark's time. The kernel reads each sequence's blocks where they lie, one OpenMP task per (sequence, KV
-head), on the OpenMP runtime torch has already loaded (no second thread pool).
+it; that copy triples the memory traffic of a memory-bound step, and decode attention was about a fifth of the offline
+benchmark's time. The kernel reads each sequence's blocks where they lie, one OpenMP task per sequence, on the OpenMP
+runtime torch has already loaded (no second thread pool). 30 layers x 32 sequences x 256 cached tokens from DRAM:
+gather + SDPA 46-85 ms, this kernel 29 ms.
 
 Built once per source, flags and compiler into <cache_dir>/kernels with gcc (an atomic rename makes concurrent builds
 safe), loaded with ctypes. Without gcc, off Linux, without torch's libgomp, or when the build fails, load_decode_kernel
@@ -33,7 +34,6 @@ SOURCE = pathlib.Path(__file__).with_name("csrc") / "decode_attention.c"
 # Vectorised reductions need reassociation; no -ffast-math, which may also flip the process's denormal mode.
 FLAGS = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 FLAGS += ("-fopenmp", "-shared", "-fPIC")
-MAX_GROUP = 64  # query heads per KV head, as in the C source
 _C_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64]
 
 
@@ -66,7 +66,7 @@ class DecodeKernel:
             raise ValueError("decode attention kernel: fp32 q, caches and out of q's shape")
         if (block_tables.dtype, seq_lens.dtype, q_rows.dtype) != (torch.int32, torch.int32, torch.int64):
             raise ValueError("decode attention kernel: int32 block tables and lengths, int64 rows")
-        if v_cache.shape != k_cache.shape or q.shape[2] != head_dim or not 1 <= group <= MAX_GROUP:
+        if v_cache.shape != k_cache.shape or q.shape[2] != head_dim or group < 1 or q.shape[1] % num_kv_heads:
             raise ValueError("decode attention kernel: mismatched heads or head_dim")
         num_seqs = seq_lens.shape[0]
         status = self._fn(
