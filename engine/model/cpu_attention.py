@@ -69,6 +69,18 @@ class DecodeKernel:
         if v_cache.shape != k_cache.shape or q.shape[2] != head_dim or group < 1 or q.shape[1] % num_kv_heads:
             raise ValueError("decode attention kernel: mismatched heads or head_dim")
         num_seqs = seq_lens.shape[0]
+        # C trusts every index it is given: check the ones that could reach outside the tensors (cheap next to the step).
+        if block_tables.shape[0] != num_seqs or q_rows.shape[0] != num_seqs:
+            raise ValueError("decode attention kernel: one block table and one query row per sequence")
+        if num_seqs and (
+            int(block_tables.min()) < 0
+            or int(block_tables.max()) >= k_cache.shape[0]
+            or int(seq_lens.min()) < 1
+            or int(seq_lens.max()) > block_tables.shape[1] * block_size
+            or int(q_rows.min()) < 0
+            or int(q_rows.max()) >= q.shape[0]
+        ):
+            raise ValueError("decode attention kernel: a block id, length or query row out of range")
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             q_rows.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_kv_heads, group, head_dim,

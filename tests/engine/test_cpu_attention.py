@@ -56,6 +56,15 @@ def test_bad_inputs_are_refused_before_the_c_code(kernel: DecodeKernel) -> None:
         kernel(t["q"], *args[:3], meta.seq_lens.long(), args[4], torch.empty_like(t["q"]), 0.25, None)
     with pytest.raises(ValueError, match="contiguous"):
         kernel(t["q"].transpose(0, 1), *args, torch.empty_like(t["q"]).transpose(0, 1), 0.25, None)
+    out = torch.empty_like(t["q"])
+    bad_table = meta.block_tables.clone()
+    bad_table[0, 0] = t["k_cache"].shape[0]
+    with pytest.raises(ValueError, match="out of range"):
+        kernel(t["q"], *args[:2], bad_table, *args[3:], out, 0.25, None)
+    with pytest.raises(ValueError, match="out of range"):
+        kernel(t["q"], *args[:3], meta.seq_lens + meta.block_tables.shape[1] * CASES[0].block_size, args[4], out, 0.25, None)
+    with pytest.raises(ValueError, match="out of range"):
+        kernel(t["q"], *args[:4], args[4] + t["q"].shape[0], out, 0.25, None)
 
 
 def test_built_once_then_reused(tmp_path: pathlib.Path) -> None:
