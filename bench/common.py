@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -44,6 +45,13 @@ def emit(record: dict[str, Any], out_path: str | None) -> None:
     if out_path:
         with open(out_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect what was just deleted and give cached CUDA memory back, so the next engine finds it free."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:

@@ -17,7 +17,6 @@ One JSON line per result with the device and library versions, printed and appen
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.common import describe_device, emit, set_threads, synchronize, versions
+from bench.common import describe_device, emit, free_memory, set_threads, synchronize, versions
 from bench.offline import BenchRequest, load_hf_model, run_hf_cb, run_hf_padded, warm_up_hf, warm_up_hf_cb
 from engine import EngineConfig, SamplingParams
 from engine.llm_engine import LLMEngine
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     # Free the engine (its KV cache holds most of the GPU) before transformers loads: this frame holds the last reference.
     engine.runner.decode_graphs = None
     del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     if "slice" in sections:
         compare_hf(sirocco_rate, model_dir, slice_, device, dtype, args, report)
 
@@ -324,9 +321,7 @@ def compare_hf(sirocco_rate: float, model_dir: Path, slice_: list[BenchRequest],
         ratios[f"sirocco_over_{name.replace('-', '_')}"] = round(sirocco_rate / record["useful_tok_per_s"], 2)
         report("slice", **record)
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     report("slice_ratios", requests=len(slice_), useful_output_tokens=useful, **ratios)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import re
 import socket
@@ -32,9 +31,8 @@ from typing import Any
 
 import httpx
 import openai
-import torch
 
-from bench.common import describe_device, emit, set_threads, versions
+from bench.common import describe_device, emit, free_memory, set_threads, versions
 from bench.offline import BenchRequest, make_workload, run_sirocco, warm_up_sirocco
 from engine import LLM
 
@@ -182,12 +180,6 @@ def run_engine_only(llm: LLM, workload: list[BenchRequest], settings: dict[str, 
     record["prefix_cache_hit_tokens"] = llm.engine.stats().prefix_cache_hits - hits_before
     emit(record, out)
     return float(record["useful_tok_per_s"])
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,14 @@ DEFAULT_CACHE_DIR = "~/.cache/sirocco"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json")
 
 
+def cache_root(cache_dir: str | None) -> pathlib.Path:
+    """Sirocco's own cache folder: cache_dir, or ~/.cache/sirocco."""
+    return pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+
+
 def embedded_model_dir(cache_dir: str | None = None) -> pathlib.Path:
     """Return the converted SmolLM2 directory in `cache_dir` (default ~/.cache/sirocco), converting it on first use."""
-    cache = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    cache = cache_root(cache_dir)
     target = cache / EMBEDDED_MODEL_NAME
     if is_complete(target):
         return target

@@ -7,7 +7,6 @@ stop strings held back until they can no longer match, max_tokens, context lengt
 from __future__ import annotations
 
 import logging
-import pathlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.embedded import DEFAULT_CACHE_DIR
+from engine.embedded import cache_root
 from engine.errors import InvalidRequestError
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
@@ -103,7 +102,7 @@ class LLMEngine:
         """The C decode-attention kernel for fp32 CPU caches (built into Sirocco's cache once), or None."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        return load_decode_kernel(pathlib.Path(self.config.cache_dir or DEFAULT_CACHE_DIR).expanduser())
+        return load_decode_kernel(cache_root(self.config.cache_dir))
 
     # --- requests in ---------------------------------------------------------------------------------------
 
