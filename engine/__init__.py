@@ -6,6 +6,7 @@ from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, I
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from engine.structured import StructuredOutputs
 
 __all__ = [
     "LLM",
@@ -23,6 +24,7 @@ __all__ = [
     "RequestFailedError",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputs",
     "TokenLogprobs",
     "Usage",
 ]

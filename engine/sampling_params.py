@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
+from engine.structured import StructuredOutputs
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -32,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: sampled token plus the top k
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # constrain the output to a grammar (engine/structured.py)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
