@@ -135,11 +135,14 @@ class AsyncEngine:
                 self._drain_inbox()
                 if self.engine.has_unfinished:
                     result = self.engine.step()
+                    # Stats first: whoever receives a final output must not then read stats that still show it running.
+                    self._stats = self.engine.stats()
                     for output in result.outputs:
                         self._deliver(output.request_id, output)
                     for request_id, exc in result.failed:
                         self._deliver(request_id, RequestFailedError(f"request failed in the engine: {exc}"))
-                self._stats = self.engine.stats()
+                else:
+                    self._stats = self.engine.stats()
         except BaseException as exc:  # the loop itself died: nobody pending may hang
             logger.exception("engine loop died")
             self._error = f"engine loop died: {exc!r}"

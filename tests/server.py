@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.conditions import wait_until
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
 IDLE_GAUGES = ("sirocco_requests_running", "sirocco_requests_waiting", "sirocco_kv_cache_usage_ratio")
@@ -46,7 +48,7 @@ class ServerProcess:
         command = [sys.executable, *program, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -73,14 +75,24 @@ class ServerProcess:
         assert name in metrics, name
         return metrics[name]
 
-    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, float]:
-        """Wait until nothing runs or waits and no KV block is in use; return the last metrics either way."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            metrics = self.metrics()
-            if all(metrics[name] == 0 for name in IDLE_GAUGES) or time.monotonic() > deadline:
-                return metrics
-            time.sleep(0.2)
+    def wait_idle(self, timeout_s: float = 120.0) -> dict[str, float]:
+        """Wait until nothing runs or waits and no KV block is in use, and return the metrics; AssertionError on timeout."""
+        metrics: dict[str, float] = {}
+
+        def is_idle() -> bool:
+            metrics.update(self.metrics())
+            return all(metrics[name] == 0 for name in IDLE_GAUGES)
+
+        wait_until(is_idle, f"an idle server ({', '.join(IDLE_GAUGES)} all 0)", timeout_s, poll_s=0.2)
+        return metrics
+
+    def is_draining(self) -> bool:
+        """True once /health answers 503 `draining` (after SIGTERM)."""
+        try:
+            response = httpx.get(f"{self.base_url}/health", timeout=10)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 503 and "draining" in response.text
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from conftest import MODEL, ServerProcess, start_server
+
+from tests.conditions import wait_until
 
 pytestmark = pytest.mark.slow
 PROMPT = "The three primary colors are"
@@ -152,10 +153,7 @@ def test_disconnect_mid_stream_frees_the_request(server: ServerProcess) -> None:
         assert next(line for line in lines if line.startswith("data:"))
         assert server.metric("sirocco_requests_running") == 1
         assert server.metric("sirocco_kv_cache_usage_ratio") > 0
-    deadline = time.monotonic() + 10
-    while server.metric("sirocco_requests_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.metric("sirocco_requests_running") == 0
+    wait_until(lambda: server.metric("sirocco_requests_running") == 0, "the abandoned request to be aborted")
     assert server.metric("sirocco_kv_cache_usage_ratio") == 0
     assert server.metric('sirocco_requests_finished_total{finish_reason="abort"}') == aborted_before + 1
 

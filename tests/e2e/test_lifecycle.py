@@ -6,7 +6,6 @@ import json
 import pathlib
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,9 +13,12 @@ import openai
 import pytest
 from conftest import MODEL, ServerProcess, start_server
 
+from tests.conditions import wait_until
+
 pytestmark = pytest.mark.slow
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+BOUND_S = 120.0  # bounds a hang; a healthy run never gets near it
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "stream": True}
 
 
@@ -33,21 +35,28 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib
     )
 
 
-def _read_stream(base_url: str, into: list[str], started: threading.Event) -> None:
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=LONG, headers=AUTH, timeout=60) as response:
+def _read_stream(
+    base_url: str, body: dict[str, object], into: list[str], started: threading.Event, leave: threading.Event
+) -> None:
+    """Read one stream into `into`; hang up early once `leave` is set."""
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=BOUND_S) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 into.append(line.removeprefix("data: "))
                 started.set()
+            if leave.is_set():
+                break
     started.set()
 
 
-def _stream_in_background(server: ServerProcess) -> tuple[threading.Thread, list[str], threading.Event]:
+def _stream_in_background(
+    server: ServerProcess, body: dict[str, object] = LONG
+) -> tuple[threading.Thread, list[str], threading.Event, threading.Event]:
     data: list[str] = []
-    started = threading.Event()
-    thread = threading.Thread(target=_read_stream, args=(server.base_url, data, started), daemon=True)
+    started, leave = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_read_stream, args=(server.base_url, body, data, started, leave), daemon=True)
     thread.start()
-    return thread, data, started
+    return thread, data, started, leave
 
 
 def test_api_key_is_required_on_the_api_only(server: ServerProcess) -> None:
@@ -64,33 +73,33 @@ def test_api_key_is_required_on_the_api_only(server: ServerProcess) -> None:
 
 
 def test_full_waiting_queue_is_429_with_retry_after(server: ServerProcess) -> None:
-    running, _, started = _stream_in_background(server)
-    assert started.wait(30)
-    waiting, waiting_data, _ = _stream_in_background(server)  # the one waiting slot
-    deadline = time.monotonic() + 10
-    while server.metric("sirocco_requests_waiting") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The running request is far too long to finish during the test; it leaves (and frees the slot) when told to.
+    running, running_data, started, leave = _stream_in_background(server, {**LONG, "max_tokens": 1000})
+    assert started.wait(BOUND_S), "the running stream never started"
+    waiting, waiting_data, _, _ = _stream_in_background(server)  # the one waiting slot
+    wait_until(lambda: server.metric("sirocco_requests_waiting") >= 1, "the second request to wait")
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0)
     with client, pytest.raises(openai.RateLimitError) as caught:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     assert caught.value.response.headers["retry-after"] == "2"
     assert caught.value.body["type"] == "rate_limit_error"
-    running.join(60)
-    waiting.join(60)
+    assert "[DONE]" not in running_data, "the running request finished before the queue was tested"
+    leave.set()
+    running.join(BOUND_S)
+    waiting.join(BOUND_S)
+    assert not waiting.is_alive(), "the waiting request was not served after the slot freed"
     assert waiting_data[-1] == "[DONE]"  # the waiting request was served once the slot freed
 
 
 def test_sigterm_lets_the_stream_finish_and_refuses_new_requests(server: ServerProcess) -> None:
-    thread, data, started = _stream_in_background(server)
-    assert started.wait(30)
+    thread, data, started, _ = _stream_in_background(server)
+    assert started.wait(BOUND_S), "the stream never started"
     server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    health = httpx.get(f"{server.base_url}/health")
-    assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
+    wait_until(server.is_draining, "/health to answer 503 draining after SIGTERM")
     refused = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": "a"}, headers=AUTH)
     assert refused.status_code == 503
-    thread.join(60)
+    thread.join(BOUND_S)
     assert data[-1] == "[DONE]"
     chunks = [json.loads(item) for item in data[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert server.process.wait(timeout=30) == 0
+    assert server.process.wait(timeout=BOUND_S) == 0

@@ -13,8 +13,10 @@ from engine import AsyncEngine, EngineConfig, EngineDeadError, EngineOverloadedE
 from engine.llm_engine import LLMEngine
 from engine.loader import ModelLoadError
 from engine.outputs import RequestOutput
+from tests.conditions import async_wait_until
 
 PROMPT = [100, 200, 300, 400, 500, 600, 700]
+BOUND_S = 120.0  # turns a hang into a failure; never reached on a healthy run, however loaded the machine
 
 
 @pytest.fixture
@@ -52,36 +54,49 @@ def test_closing_the_stream_aborts_and_frees_blocks(engine: AsyncEngine) -> None
             if engine.stats().kv_cache_usage > 0:
                 break
         await stream.aclose()  # type: ignore[attr-defined]
-        for _ in range(200):
-            stats = engine.stats()
-            if stats.num_running == 0 and stats.kv_cache_usage == 0.0:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"blocks not freed: {engine.stats()}")
 
-    asyncio.run(read_two_then_leave())
+        def is_freed() -> bool:
+            stats = engine.stats()
+            return stats.num_running == 0 and stats.kv_cache_usage == 0.0
+
+        await async_wait_until(is_freed, "the aborted request's blocks to be freed")
+
+    asyncio.run(asyncio.wait_for(read_two_then_leave(), BOUND_S))
 
 
 def test_full_queue_is_refused(tiny_mistral_sliding_dir: pathlib.Path) -> None:
+    """Two requests wait behind a running one; a third is refused. The loop is held inside a step while the queue
+    fills, so the running request cannot finish first however slow or fast the machine is."""
     engine = AsyncEngine(EngineConfig(model=str(tiny_mistral_sliding_dir), max_num_seqs=1, max_waiting_requests=2))
+    step_may_run = threading.Event()
+    step_may_run.set()
+    real_step = engine.engine.step
+
+    def gated_step():  # type: ignore[no-untyped-def]
+        if not step_may_run.wait(BOUND_S):
+            raise AssertionError("the test never released the engine loop")
+        return real_step()
+
+    engine.engine.step = gated_step  # type: ignore[method-assign]
     engine.start()
-    long = SamplingParams(max_tokens=400, ignore_eos=True)
 
     async def flood() -> None:
-        running = engine.generate("running", PROMPT, long)
+        running = engine.generate("running", PROMPT, SamplingParams(max_tokens=400, ignore_eos=True))
         await running.__anext__()  # type: ignore[attr-defined]
+        step_may_run.clear()  # the loop stops at its next step: nothing is admitted, nothing finishes
         waiting = [asyncio.ensure_future(_collect(engine, f"w{i}", SamplingParams(max_tokens=2))) for i in range(2)]
-        while engine.stats().num_waiting < 2:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: engine.stats().num_waiting == 2, "two waiting requests")
         with pytest.raises(EngineOverloadedError, match="waiting queue is full"):
             await _collect(engine, "refused", SamplingParams(max_tokens=2))
+        step_may_run.set()
         await running.aclose()  # type: ignore[attr-defined]
         done = await asyncio.gather(*waiting)  # the queued ones are served once the long one leaves
         assert all(d[-1].finished for d in done)
 
     try:
-        asyncio.run(flood())
+        asyncio.run(asyncio.wait_for(flood(), BOUND_S))
     finally:
+        step_may_run.set()
         engine.shutdown()
 
 
@@ -97,11 +112,12 @@ def test_one_failing_request_does_not_hurt_the_others(engine: AsyncEngine, monke
         return tuple(await asyncio.gather(good, bad, return_exceptions=True))  # type: ignore[return-value]
 
     monkeypatch.setattr(engine.engine.tokenizer, "token_text", broken)
-    good, bad = asyncio.run(both())
+    good, bad = asyncio.run(asyncio.wait_for(both(), BOUND_S))
     assert isinstance(bad, RequestFailedError) and "tokenizer exploded" in str(bad)
     assert isinstance(good, list) and good[-1].finished and good[-1].usage is not None
     monkeypatch.setattr(engine.engine.tokenizer, "token_text", real)
-    assert engine.is_alive and engine.stats().kv_cache_usage == 0.0
+    stats = engine.stats()  # read right after the last delivery: the stats a caller sees are never behind its outputs
+    assert engine.is_alive and stats.num_running == 0 and stats.kv_cache_usage == 0.0, stats
 
 
 def test_loop_death_fails_pending_requests_and_reports_it(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
