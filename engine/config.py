@@ -33,7 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
     seed: int = 0
-    num_threads: int | None = None  # torch threads on CPU; None: the CPUs this process may use (engine/threads.py)
+    num_threads: int | None = None  # torch threads on CPU; None: one fewer than the CPUs this process may use (engine/threads.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -1,7 +1,7 @@
 """The CPUs this process may use (its CPU affinity and the cgroup v2 quota a container limit sets) and torch's thread pool.
 
 Reads OS state only, never environment variables. torch's own default is the host's physical core count, which
-oversubscribes a container limited to a few CPUs; see `set_torch_threads` for why the default is what it is.
+oversubscribes a container limited to a few CPUs. The default leaves one usable CPU free (see `set_torch_threads`).
 """
 
 from __future__ import annotations
@@ -45,13 +45,20 @@ def cgroup_cpu_quota(cpu_max_path: Path = CGROUP_CPU_MAX) -> int | None:
     return max(1, math.ceil(quota_us / period_us))
 
 
-def set_torch_threads(num_threads: int | None) -> int:
-    """Size torch's intra-op pool for the calling thread (OpenMP's thread count is per thread): num_threads, or every usable CPU.
+def default_num_threads(num_cpus: int) -> int:
+    """One thread fewer than the usable CPUs (at least 1): the spare CPU is for everything else, see set_torch_threads."""
+    return max(1, num_cpus - 1)
 
-    One thread per usable CPU is fastest when the CPUs are ours; on a CPU shared with other busy processes, OpenMP's
-    spin-waiting workers lose their core and every parallel op waits a scheduler slice for them (bench/busy_cpu.py),
-    so a busy host should set num_threads (1 is the safe choice there).
+
+def set_torch_threads(num_threads: int | None) -> int:
+    """Size torch's intra-op pool for the calling thread (OpenMP's thread count is per thread); returns the count.
+
+    num_threads, or default_num_threads(num_usable_cpus()). torch's OpenMP workers spin-wait between ops, and every
+    parallel op waits for its slowest worker: when another runnable thread takes a worker's CPU (the server's own event
+    loop doing HTTP and detokenizing, or any other busy process on a shared host), each op waits a scheduler time slice
+    for it. A team as large as the CPU count ran the offline API more than 7x slower than one thread on a busy 2-CPU box
+    (bench/busy_cpu.py); leaving one CPU free costs a team little when the CPUs are idle and keeps that stall away.
     """
-    count = num_threads if num_threads is not None else num_usable_cpus()
+    count = num_threads if num_threads is not None else default_num_threads(num_usable_cpus())
     torch.set_num_threads(count)
     return count

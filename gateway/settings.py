@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
     seed: int = Field(0, description="Seed for requests that do not give one")
     num_threads: int | None = Field(
-        None, ge=1, description="Torch threads on CPU; unset: the CPUs this process may use (affinity and cgroup CPU limit)"
+        None,
+        ge=1,
+        description="Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1",
     )
 
     # HTTP server

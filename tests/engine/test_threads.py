@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from engine.threads import cgroup_cpu_quota, num_usable_cpus, set_torch_threads
+from engine.threads import cgroup_cpu_quota, default_num_threads, num_usable_cpus, set_torch_threads
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,7 @@ def test_set_torch_threads_uses_the_override_or_the_usable_cpus() -> None:
     before = torch.get_num_threads()
     try:
         assert set_torch_threads(1) == 1 and torch.get_num_threads() == 1
-        assert set_torch_threads(None) == num_usable_cpus() == torch.get_num_threads()
+        assert set_torch_threads(None) == default_num_threads(num_usable_cpus()) == torch.get_num_threads()
+        assert [default_num_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
     finally:
         torch.set_num_threads(before)
