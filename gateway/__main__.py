@@ -72,8 +72,11 @@ class DrainingServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         sys.exit(serve(argv))
-    except KeyboardInterrupt:  # Ctrl+C before uvicorn's handlers are in place (importing torch takes seconds)
-        print("sirocco: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl+C while importing torch (seconds), or once loaded (uvicorn re-raises it at exit)
+        if logging.getLogger().handlers:
+            logger.info("interrupted; exiting")
+        else:
+            print("sirocco: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
 
 

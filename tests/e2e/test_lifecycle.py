@@ -154,3 +154,21 @@ def test_a_busy_port_fails_in_one_line_before_loading(tmp_path: pathlib.Path) ->
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("\n") == 1 and f"--port / SIROCCO_PORT: port {port} on 127.0.0.1 is already in use" in done.stderr
     assert not (tmp_path / "cache").exists()  # nothing was converted or loaded
+
+
+def test_a_first_start_with_json_logs_writes_only_json_lines(tmp_path: pathlib.Path) -> None:
+    """Converting the embedded model (an empty cache) draws progress bars unless they are off; JSON logs turn them off."""
+    settings = {"SIROCCO_CACHE_DIR": str(tmp_path / "cache"), "SIROCCO_LOG_JSON": "true"}
+    server = ServerProcess(tmp_path / "server.log", settings)
+    try:
+        health = _wait_for_loading(server)
+        assert health.status_code == 503, health.text  # the port opens long before the conversion is done
+        server.wait_ready(timeout_s=280)
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=30)
+    finally:
+        server.stop()
+    lines = server.log().splitlines()
+    messages = [json.loads(line)["message"] for line in lines]  # fails on any line that is not one JSON object
+    assert any(message.startswith("converted embedded model") for message in messages)
+    assert any(message.startswith("ready in ") for message in messages)
