@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -35,10 +35,13 @@ from gateway.state import GatewayState
 
 
 def package_version() -> str:
-    try:
-        return version("sirocco")
-    except PackageNotFoundError:
-        return "0.0.0"
+    """The installed distribution's version (found by the package it ships, whatever the distribution is named)."""
+    for name in packages_distributions().get("gateway", []):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "0.0.0"  # running from a source tree that is not installed
 
 
 def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> Starlette:
