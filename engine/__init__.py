@@ -1,10 +1,11 @@
 """Sirocco's engine: the only names the gateway may import."""
 
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
+from engine.preflight import check_config
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from engine.structured import StructuredOutputs
 
@@ -14,6 +15,7 @@ __all__ = [
     "MAX_N",
     "AsyncEngine",
     "CompletionOutput",
+    "ConfigError",
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
@@ -27,4 +29,5 @@ __all__ = [
     "StructuredOutputs",
     "TokenLogprobs",
     "Usage",
+    "check_config",
 ]

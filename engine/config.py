@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class ConfigError(ValueError):
+    """A setting the engine cannot run with; `field` names the EngineConfig field, so callers can name their own flag."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # local directory or Hub repo id; None: the embedded SmolLM2 model
@@ -25,20 +33,21 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
     seed: int = 0
+    num_threads: int | None = None  # torch threads on CPU; None: one fewer than the CPUs this process may use (engine/threads.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("dtype must be one of auto, float32, bfloat16, float16")
+            raise ConfigError("dtype", f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
         if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError("block_size must be 8, 16, 32, 64 or 128")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks must be at least 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError("max_model_len must be at least 1")
+            raise ConfigError("block_size", f"block_size must be 8, 16, 32, 64 or 128 (got {self.block_size})")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"{name} must be at least 1 (got {value})")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("num_threads", f"num_threads must be at least 1 (got {self.num_threads})")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
-            raise ValueError("kv_cache_gib must be positive")
+            raise ConfigError("kv_cache_gib", f"kv_cache_gib must be positive (got {self.kv_cache_gib})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+            message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
+            raise ConfigError("gpu_memory_utilization", message)

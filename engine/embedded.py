@@ -6,6 +6,7 @@ Converted once (transformers' GGUF reader) into a float32 safetensors directory 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -13,6 +14,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -89,10 +91,29 @@ def convert_gguf(gguf_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    with _gguf_progress_bar_follows_transformers():
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The weights are already dequantized; without this, save_pretrained refuses or records a GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _gguf_progress_bar_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF reader draws its tqdm bar even with transformers' progress bars off (JSON logs turn them off):
+    while converting, give it a tqdm that obeys that switch."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled() or getattr(gguf_utils, "tqdm", None) is not tqdm:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = tqdm

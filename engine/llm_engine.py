@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
-from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
+from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
@@ -26,6 +26,7 @@ from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.threads import set_torch_threads
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,19 +68,22 @@ class StepResult:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.device, self.dtype = resolve_device_dtype(config)
+        if self.device.type == "cpu":
+            logger.info("torch threads: %d", set_torch_threads(config.num_threads))
         model_dir = resolve_model_dir(config)
         self.model_config = read_model_config(model_dir)
-        self.device, self.dtype = resolve_device_dtype(config)
+        check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
         model = load_model(model_dir, self.model_config, self.device, self.dtype)
+        start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
+        logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, _free_cuda_bytes(config, self.device))
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
-        if self.max_model_len > self.model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len is above the model's max_position_embeddings ({self.model_config.max_position_embeddings})"
-            )
+        start_s = time.perf_counter()
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
+        kv_cache_s = time.perf_counter() - start_s
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
@@ -96,7 +100,13 @@ class LLMEngine:
         self.rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks, config.block_size, self.max_model_len)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, allocated and zeroed in %.1fs; max_model_len %d",
+            num_blocks,
+            config.block_size,
+            kv_cache_s,
+            self.max_model_len,
+        )
 
     def _cpu_decode_kernel(self) -> DecodeKernel | None:
         """The C decode-attention kernel for fp32 CPU caches (built into Sirocco's cache once), or None."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
 
@@ -40,18 +40,50 @@ def resolve_model_dir(config: EngineConfig) -> Path:
         return path
     if path.exists() or config.model.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {config.model!r} is not a directory")
+    return _download(config)
+
+
+def _download(config: EngineConfig) -> Path:
+    """A Hub snapshot (from the cache when it is there); any failure is one ModelLoadError saying what to do."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     logger.info("downloading %s (revision %s)", config.model, config.revision or "main")
-    return Path(
-        snapshot_download(
+    try:
+        folder = snapshot_download(
             config.model,
             revision=config.revision,
             token=config.hf_token,
             cache_dir=config.download_dir,
             allow_patterns=_HUB_PATTERNS,
         )
-    )
+    except GatedRepoError as exc:
+        message = f"model {config.model!r} is gated: accept its licence on the Hub and give a token (HF_TOKEN)"
+        raise ModelLoadError(message) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"model {config.model!r} is neither a local directory nor a Hub repo this token can see; check the name"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelLoadError(f"revision {config.revision!r} of {config.model!r} does not exist on the Hub") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"model {config.model!r} is not a local directory and not in the Hugging Face cache, and the Hub cannot be "
+            "reached (offline, HF_HUB_OFFLINE=1, or no network): check the name, or download it while online"
+        ) from exc
+    except OSError as exc:  # network errors, a full disk, an unwritable cache
+        raise ModelLoadError(f"could not download {config.model!r}: {exc}") from exc
+    return Path(folder)
+
+
+def check_max_model_len(config: EngineConfig, model_config: ModelConfig) -> None:
+    """The context length asked for must fit the model's positions (raises ConfigError naming max_model_len)."""
+    if config.max_model_len is not None and config.max_model_len > model_config.max_position_embeddings:
+        raise ConfigError(
+            "max_model_len",
+            f"max_model_len {config.max_model_len} is above the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}); lower it or leave it unset",
+        )
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

@@ -1,39 +1,45 @@
-"""`sirocco serve [--model ...] [--host ...] [--port ...]`: Settings from the environment, overridden by flags; uvicorn.
+"""`sirocco serve [--model ...] [--host ...] [--port ...]`: check the settings, bind the port, then serve while the model loads.
 
-SIGTERM drains: new requests get 503 (and /health 503) while in-flight ones run up to drain_timeout_s, then uvicorn exits.
+Order: flags over Settings (gateway/startup.py) -> every setting checked -> port bound -> uvicorn, whose lifespan loads the
+engine in the background (/health 503 "loading" meanwhile). A startup failure is one log line and exit 1 (the traceback
+only with --log-level debug). SIGINT or SIGTERM while loading exits at once with 128 + the signal number. Once loaded,
+SIGTERM drains: new requests get 503 (and /health 503) while in-flight ones run up to drain_timeout_s, then exit 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from pydantic import ValidationError
 
-from gateway.app import create_app
-from gateway.logs import configure_logging
-from gateway.settings import Settings
-from gateway.state import GatewayState
+if TYPE_CHECKING:
+    from gateway.state import GatewayState
 
 logger = logging.getLogger("sirocco")
 _GRACEFUL_SHUTDOWN_S = 2.0  # after the drain: time for idle keep-alive connections to close
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM drains instead of exiting; a second signal, or SIGINT, exits as usual."""
+    """uvicorn.Server that exits at once on a signal while loading, drains on the first SIGTERM once loaded, and exits
+    when the load fails. A second signal, or SIGINT once loaded, exits as uvicorn does."""
 
     def __init__(self, config: uvicorn.Config, state: GatewayState) -> None:
         super().__init__(config)
         self._state = state
         self._drain_deadline_s: float | None = None
+        self.interrupted_by: int | None = None  # the signal that stopped a load still under way
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._state.is_loading:
+            self.interrupted_by = sig  # not re-raised by uvicorn at exit: main() turns it into the exit status
+            self.should_exit = True
+            return
         if sig == signal.SIGTERM and self._drain_deadline_s is None:
             self._state.begin_drain()  # only flags here: this runs inside a signal handler
             self._drain_deadline_s = time.monotonic() + self._state.settings.drain_timeout_s
@@ -41,7 +47,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self._drain_deadline_s is not None and not self.should_exit:
+        if self._state.load_error is not None:
+            self.should_exit = True
+        elif self._drain_deadline_s is not None and not self.should_exit:
             num_in_flight = self._state.num_in_flight
             if num_in_flight == 0:
                 logger.info("drained; shutting down")
@@ -53,36 +61,42 @@ class DrainingServer(uvicorn.Server):
                 logger.info("draining: %d requests in flight", num_in_flight)
         return await super().on_tick(counter)
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sirocco", description="OpenAI-compatible inference server for Mistral-family models")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "serve", help="serve the model over HTTP", description="Flags override SIROCCO_* environment variables."
-    )
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            serve.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        else:
-            serve.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=field.description)
-    return parser
-
-
-def parse_settings(argv: Sequence[str] | None = None) -> Settings:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    overrides = {name: value for name, value in vars(args).items() if name != "command" and value is not None}
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    @property
+    def exit_status(self) -> int:
+        if self.interrupted_by is not None:
+            logger.info("interrupted by %s while loading; exiting", signal.Signals(self.interrupted_by).name)
+            return 128 + self.interrupted_by
+        return 1 if self._state.load_error is not None or not self.started else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        sys.exit(serve(argv))
+    except KeyboardInterrupt:  # Ctrl+C while importing torch (seconds), or once loaded (uvicorn re-raises it at exit)
+        if logging.getLogger().handlers:
+            logger.info("interrupted; exiting")
+        else:
+            print("sirocco: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    """Run `sirocco ...` and return the exit status."""
+    # Imported here so that main() catches a Ctrl+C during these imports (torch, transformers) and ends quietly.
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.startup import StartupError, bind_socket, check_settings, parse_settings, warn_unknown_environment
+
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_json)
+    warn_unknown_environment()
+    try:
+        check_settings(settings)
+        sock = bind_socket(settings)
+    except StartupError as exc:
+        logger.error("%s", exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return 1
+    logger.info("listening on http://%s:%d", settings.host, sock.getsockname()[1])
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -94,9 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         lifespan="on",
     )
     server = DrainingServer(config, app.state.gateway)
-    server.run()
-    if not server.started:
-        sys.exit(1)  # the lifespan failed (model not found, ...)
+    server.run(sockets=[sock])
+    return server.exit_status
 
 
 if __name__ == "__main__":

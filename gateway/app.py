@@ -1,14 +1,16 @@
 """create_app(settings, engine=None) -> Starlette: the routes, the middleware stack, and a lifespan that owns the engine.
 
-Given no engine, the lifespan builds AsyncEngine from settings in a worker thread, starts it, and shuts it down on exit;
-an engine passed in (tests) is used as it is and left running.
+Given no engine, the lifespan starts loading one in the background (gateway/loading.py) and returns at once, so the
+server answers while the model loads, and shuts the engine down on exit; an engine passed in (tests) is used as it is
+and left running.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -24,6 +26,7 @@ from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.errors import APIError, handle_api_error, handle_http_exception
 from gateway.health import health, list_models
+from gateway.loading import load_engine
 from gateway.metrics import metrics_endpoint
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_spec
@@ -31,17 +34,20 @@ from gateway.settings import Settings
 from gateway.state import GatewayState
 
 
-def _version() -> str:
-    try:
-        return version("sirocco-llm")  # the distribution name (pyproject.toml), not the command
-    except PackageNotFoundError:
-        return "0.0.0"
+def package_version() -> str:
+    """The installed distribution's version (found by the package it ships, whatever the distribution is named)."""
+    for name in packages_distributions().get("gateway", []):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "0.0.0"  # running from a source tree that is not installed
 
 
 def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     state = GatewayState(settings, engine)
-    spec = openapi_spec("Sirocco", _version())
+    spec = openapi_spec("Sirocco", package_version())
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(spec)
@@ -49,13 +55,12 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owns_engine = state.engine is None
-        if owns_engine:
-            loaded = await anyio.to_thread.run_sync(AsyncEngine, settings.engine_config())
-            loaded.start()
-            state.engine = loaded
+        loading = asyncio.create_task(load_engine(state)) if owns_engine else None
         try:
             yield
         finally:
+            if loading is not None:
+                loading.cancel()  # abandons a load still under way (its daemon thread dies with the process)
             if owns_engine and state.engine is not None:
                 await anyio.to_thread.run_sync(state.engine.shutdown)
 

@@ -1,4 +1,8 @@
-"""Logging set-up for `sirocco serve`: plain or JSON lines on stderr; uvicorn's loggers go through the same handler."""
+"""Logging set-up for `sirocco serve`: plain or JSON lines on stderr; uvicorn's loggers go through the same handler.
+
+With JSON logs, huggingface_hub's and transformers' progress bars (tqdm, drawn on stderr) are switched off: they would
+break the one-object-per-line stream a log collector reads.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +43,14 @@ def configure_logging(level: str, is_json: bool) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    if is_json:
+        disable_progress_bars()
+
+
+def disable_progress_bars() -> None:
+    """No tqdm bars from downloads (huggingface_hub) or checkpoint loading (transformers, used to convert the embedded model)."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()

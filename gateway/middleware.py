@@ -1,6 +1,6 @@
 """GatewayMiddleware (pure ASGI): request id, access log, drain and API-key gates, in-flight count, last-resort 500.
 
-Health, metrics and the OpenAPI document stay open; only /v1/* needs a key and is refused while draining.
+Health, metrics and the OpenAPI document stay open; only /v1/* needs a key and is refused while loading or draining.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import APIError, error_response, from_engine_error
-from gateway.state import GatewayState
+from gateway.state import GatewayState, loading_error
 
 access_logger = logging.getLogger("sirocco.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -84,6 +84,8 @@ class GatewayMiddleware:
             return APIError(503, "The server is shutting down.", code="draining")
         if self._keys and not self._is_authorized(headers.get("authorization", "")):
             return APIError(401, "Missing or invalid API key (Authorization: Bearer <key>).", code="invalid_api_key")
+        if self.state.is_loading:
+            return loading_error()
         return None
 
     def _is_authorized(self, authorization: str) -> bool:

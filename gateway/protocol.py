@@ -255,4 +255,5 @@ class ChatCompletionRequest(GenerationRequest):
 
 def check_model(requested: str, served: str) -> None:
     if requested != served:
-        raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+        message = f"The model `{requested}` does not exist; this server serves `{served}` (GET /v1/models lists it)."
+        raise APIError(404, message, param="model", code="model_not_found")

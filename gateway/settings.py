@@ -5,6 +5,8 @@ Helm values map one-to-one onto these fields (SIROCCO_<FIELD NAME IN UPPER CASE>
 
 from __future__ import annotations
 
+import difflib
+import os
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
     seed: int = Field(0, description="Seed for requests that do not give one")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1",
+    )
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -74,7 +81,9 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level (any case); debug also prints tracebacks of startup errors"
+    )
     log_json: bool = Field(False, description="Write logs as JSON lines")
     log_requests: bool = Field(False, description="Log request bodies and prompts (off: never logged)")
 
@@ -104,6 +113,11 @@ class Settings(BaseSettings):
         "api_keys", "cors_allow_origins", "ttft_buckets_s", "itl_buckets_s", "e2e_buckets_s", "queue_buckets_s", mode="before"
     )(_split_commas)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @property
     def model_name(self) -> str:
         """The name clients use for the model."""
@@ -129,4 +143,17 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
+            num_threads=self.num_threads,
         )
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a Settings field."""
+    return f"SIROCCO_{field.upper()}"
+
+
+def unknown_environment_names() -> list[tuple[str, str | None]]:
+    """SIROCCO_* variables that no setting reads (a typo is otherwise silently ignored), each with the closest real name."""
+    known = [env_name(field) for field in Settings.model_fields]
+    unknown = sorted(name for name in os.environ if name.startswith("SIROCCO_") and name not in known)
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None)) for name in unknown]

@@ -1,4 +1,4 @@
-"""GatewayState: what the handlers share (settings, engine, metrics) and the drain switch SIGTERM flips.
+"""GatewayState: what the handlers share (settings, engine, metrics), the load's outcome and the drain switch SIGTERM flips.
 
 One instance per app, on `app.state.gateway`; no module-level state.
 """
@@ -18,6 +18,7 @@ from gateway.settings import Settings
 class GatewayState:
     settings: Settings
     engine: AsyncEngine | None = None  # None until the lifespan has loaded it
+    load_error: str | None = None  # why loading the engine failed; the server then exits
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     is_draining: bool = False
@@ -33,6 +34,10 @@ class GatewayState:
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_alive and not self.is_draining
 
+    @property
+    def is_loading(self) -> bool:
+        return self.engine is None and self.load_error is None
+
     def begin_drain(self) -> None:
         """Stop taking new requests; the ones in flight go on."""
         self.is_draining = True
@@ -41,6 +46,12 @@ class GatewayState:
         """The engine, or 503 while it is not loaded, has died, or the server is draining."""
         if self.is_draining:
             raise APIError(503, "The server is shutting down.", code="draining")
+        if self.is_loading:
+            raise loading_error()
         if self.engine is None or not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
         return self.engine
+
+
+def loading_error() -> APIError:
+    return APIError(503, "The model is still loading; retry once GET /health answers 200.", code="loading")

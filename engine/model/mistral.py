@@ -71,7 +71,10 @@ class MistralDecoderLayer(nn.Module):
 class MistralModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips the random init: on the meta device normal_ imports torch._dynamo, 10 s on a busy 2-CPU box
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )  # weight [vocab_size, hidden]
         self.rotary_emb = RotaryEmbedding(config)
         self.layers = nn.ModuleList(MistralDecoderLayer(config, self.rotary_emb) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

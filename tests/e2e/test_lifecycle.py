@@ -1,17 +1,22 @@
-"""End to end, one server with an API key and a one-slot engine: 401, 429 with Retry-After, and the SIGTERM drain."""
+"""End to end: one server with an API key and a one-slot engine (401, 429 with Retry-After, the SIGTERM drain), and
+startups of their own: /health 503 "loading" while the model loads, a signal then, a failed load, a busy port."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ServerProcess, start_server
+from conftest import MODEL, REPO_ROOT, ServerProcess, start_server
 
 from tests.conditions import wait_until
 
@@ -103,3 +108,77 @@ def test_sigterm_lets_the_stream_finish_and_refuses_new_requests(server: ServerP
     chunks = [json.loads(item) for item in data[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert server.process.wait(timeout=BOUND_S) == 0
+
+
+def _wait_for_loading(server: ServerProcess, timeout_s: float = BOUND_S) -> httpx.Response:
+    """The first /health answer once the port is open (the server binds before it loads)."""
+
+    def first_answer() -> httpx.Response | None:
+        assert server.process.poll() is None, server.log()
+        try:
+            return httpx.get(f"{server.base_url}/health", timeout=5)
+        except httpx.TransportError:
+            return None
+
+    return wait_until(first_answer, "the port to open", timeout_s, poll_s=0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_loading_stops_the_server_at_once(tmp_path: pathlib.Path, sig: signal.Signals) -> None:
+    # An empty cache: the embedded model is converted first (the slowest first start there is).
+    server = ServerProcess(tmp_path / "server.log", {"SIROCCO_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        health = _wait_for_loading(server)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "loading", health.text
+        models = httpx.get(f"{server.base_url}/v1/models", timeout=5)
+        assert models.status_code == 503 and models.json()["error"]["code"] == "loading"
+        server.process.send_signal(sig)
+        assert server.process.wait(timeout=20) == 128 + sig, server.log()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log() and "CancelledError" not in server.log(), server.log()
+    assert f"interrupted by {sig.name} while loading" in server.log()
+
+
+def test_a_failed_load_is_one_line_and_exit_1(tmp_path: pathlib.Path) -> None:
+    settings = {"SIROCCO_MODEL": "nobody/no-such-model", "SIROCCO_DOWNLOAD_DIR": str(tmp_path / "hub")}
+    server = ServerProcess(tmp_path / "server.log", settings)  # offline: the Hub cannot be asked
+    try:
+        assert server.process.wait(timeout=120) == 1, server.log()
+    finally:
+        server.stop()
+    log = server.log()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "could not load the model: model 'nobody/no-such-model' is not a local directory" in errors[0]
+    assert "Traceback" not in log, log
+
+
+def test_a_busy_port_fails_in_one_line_before_loading(tmp_path: pathlib.Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SIROCCO_CACHE_DIR": str(tmp_path / "cache")}  # an empty cache: never touched
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and f"--port / SIROCCO_PORT: port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was converted or loaded
+
+
+def test_a_first_start_with_json_logs_writes_only_json_lines(tmp_path: pathlib.Path) -> None:
+    """Converting the embedded model (an empty cache) draws progress bars unless they are off; JSON logs turn them off."""
+    settings = {"SIROCCO_CACHE_DIR": str(tmp_path / "cache"), "SIROCCO_LOG_JSON": "true"}
+    server = ServerProcess(tmp_path / "server.log", settings)
+    try:
+        health = _wait_for_loading(server)
+        assert health.status_code == 503, health.text  # the port opens long before the conversion is done
+        server.wait_ready(timeout_s=280)
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=30)
+    finally:
+        server.stop()
+    lines = server.log().splitlines()
+    messages = [json.loads(line)["message"] for line in lines]  # fails on any line that is not one JSON object
+    assert any(message.startswith("converted embedded model") for message in messages)
+    assert any(message.startswith("ready in ") for message in messages)

@@ -78,6 +78,7 @@ def test_completion_invalid_field_names_param(client: TestClient, body: dict, pa
 def test_unknown_model_and_route_are_404(client: TestClient) -> None:
     error = error_of(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "a"}), 404)
     assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert f"this server serves `{MODEL}`" in error["message"]  # says what to send instead
     error_of(client.get("/v1/nothing"), 404)
     error_of(client.get("/v1/completions"), 405)
 

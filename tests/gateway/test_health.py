@@ -23,13 +23,21 @@ def test_draining_refuses_new_api_requests_but_not_metrics(client: TestClient) -
     assert client.get("/metrics").status_code == 200
 
 
-def test_health_is_503_until_an_engine_is_loaded() -> None:
+def test_while_loading_health_and_the_api_answer_503_loading() -> None:
     from gateway.app import create_app
     from gateway.settings import Settings
 
     client = TestClient(create_app(Settings()))  # not entered: the lifespan (which would load the model) never runs
-    assert client.get("/health").status_code == 503
-    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "a"}).status_code == 503
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["error"]["code"] == "loading"
+    assert "loading" in health.json()["error"]["message"]
+    for response in (client.post("/v1/completions", json={"model": MODEL, "prompt": "a"}), client.get("/v1/models")):
+        assert response.status_code == 503
+        assert set(response.json()) == {"error"} and response.json()["error"]["code"] == "loading"
+    assert client.get("/metrics").status_code == 200  # Prometheus keeps scraping a loading pod
+    client.app.state.gateway.load_error = "model 'x/y' is not in the Hugging Face cache"
+    failed = client.get("/health").json()["error"]
+    assert failed["code"] == "load_failed" and "x/y" in failed["message"]
 
 
 def test_models(client: TestClient) -> None:

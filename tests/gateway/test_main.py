@@ -1,17 +1,23 @@
-"""`sirocco serve` flags over Settings, and the SIGTERM drain of DrainingServer (without a real socket)."""
+"""`sirocco serve`: flags over Settings, errors that name the flag or variable, checks before loading, the port bound
+first, and DrainingServer's signal handling (drain once loaded, exit at once while loading) without a real socket."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import pathlib
 import signal
+import socket
 
 import pytest
+import torch
 import uvicorn
 from fake_engine import FakeEngine
 
-from gateway.__main__ import DrainingServer, parse_settings
+from gateway.__main__ import DrainingServer
 from gateway.app import create_app
 from gateway.settings import Settings
+from gateway.startup import StartupError, bind_socket, check_settings, parse_settings, warn_unknown_environment
 
 
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,11 +41,88 @@ def test_defaults_serve_the_embedded_model_on_localhost(monkeypatch: pytest.Monk
     )
 
 
-def test_bad_flag_value_exits_with_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flag_value_names_the_flag_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         parse_settings(["serve", "--port", "not-a-port"])
     assert caught.value.code == 2
-    assert "port" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sirocco serve: error: --port 'not-a-port': Input should be a valid integer" in err
+    assert "usage:" not in err and "validation error" not in err
+    assert len(err.splitlines()) == 2  # the error and a pointer to --help
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SIROCCO_PORT", "70000")
+    with pytest.raises(SystemExit):
+        parse_settings(["serve"])
+    assert "SIROCCO_PORT='70000': Input should be less than or equal to 65535" in capsys.readouterr().err
+
+
+def test_log_level_accepts_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIROCCO_LOG_LEVEL", "DEBUG")
+    assert parse_settings(["serve"]).log_level == "debug"
+    assert parse_settings(["serve", "--log-level", "Warning"]).log_level == "warning"
+
+
+def test_a_misspelled_variable_is_warned_about_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SIROCCO_MAX_MODEL_LENGTH", "512")
+    with caplog.at_level(logging.WARNING, logger="sirocco"):
+        warn_unknown_environment()
+    assert "ignoring SIROCCO_MAX_MODEL_LENGTH: no setting has that name; did you mean SIROCCO_MAX_MODEL_LEN?" in caplog.text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("sirocco ")
+
+
+def test_serve_help_shows_each_default_and_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Port to bind (default: 8000; env SIROCCO_PORT)" in text
+    assert "(default: unset; env SIROCCO_NUM_THREADS)" in text
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"block_size": 0}, "--block-size / SIROCCO_BLOCK_SIZE: block_size must be 8, 16, 32, 64 or 128 (got 0)"),
+        ({"model": "/nonexistent"}, "--model / SIROCCO_MODEL: model path '/nonexistent' does not exist"),
+        ({"device": "mps"}, "--device / SIROCCO_DEVICE: device 'mps' is not supported; use cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_settings_fail_before_loading(settings: dict, expected: str) -> None:
+    with pytest.raises(StartupError) as caught:
+        check_settings(Settings(**settings))
+    assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_says_so() -> None:
+    with pytest.raises(StartupError, match=r"^--device / SIROCCO_DEVICE: device 'cuda': .*use cpu$"):
+        check_settings(Settings(device="cuda"))
+
+
+def test_a_context_longer_than_the_model_fails_before_loading(tiny_mistral_dir: pathlib.Path) -> None:
+    with pytest.raises(StartupError, match=r"^--max-model-len / SIROCCO_MAX_MODEL_LEN: max_model_len 100000 is above"):
+        check_settings(Settings(model=str(tiny_mistral_dir), max_model_len=100000))
+    assert check_settings(Settings(model=str(tiny_mistral_dir), num_threads=3)).num_threads == 3
+
+
+def test_a_busy_port_is_found_before_loading() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"^--port / SIROCCO_PORT: port {port} on 127.0.0.1 is already in use"):
+            bind_socket(Settings(port=port))
+    with bind_socket(Settings(port=0)) as sock:
+        assert sock.getsockname()[1] > 0
 
 
 def test_sigterm_drains_until_nothing_is_in_flight() -> None:
@@ -61,3 +144,23 @@ def test_drain_timeout_ends_the_drain() -> None:
     state.num_in_flight = 3
     server.handle_exit(signal.SIGTERM, None)
     assert asyncio.run(server.on_tick(1)) is True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_loading_exits_at_once_and_non_zero(sig: signal.Signals) -> None:
+    app = create_app(Settings())  # no engine: loading
+    state = app.state.gateway
+    server = DrainingServer(uvicorn.Config(app), state)
+    server.handle_exit(sig, None)
+    assert server.should_exit and not state.is_draining
+    assert server.exit_status == 128 + sig
+
+
+def test_a_failed_load_stops_the_server_with_status_1() -> None:
+    app = create_app(Settings())
+    state = app.state.gateway
+    server = DrainingServer(uvicorn.Config(app), state)
+    assert asyncio.run(server.on_tick(1)) is False  # still loading
+    state.load_error = "model 'x/y' is not in the Hugging Face cache"
+    assert asyncio.run(server.on_tick(2)) is True
+    assert server.exit_status == 1
