@@ -49,6 +49,7 @@ class AsyncEngine:
         if self._load_error is not None:
             raise self._load_error
         self.max_model_len = self.engine.max_model_len
+        self.fingerprint = self.engine.fingerprint  # changes when the model or an output-changing setting does
         self._stats = self.engine.stats()
 
     # --- lifecycle -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError
+from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
@@ -79,6 +80,7 @@ class LLMEngine:
             raise ValueError(
                 f"max_model_len is above the model's max_position_embeddings ({self.model_config.max_position_embeddings})"
             )
+        self.fingerprint = engine_fingerprint(config, model_dir, self.dtype, self.device, self.max_model_len)
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

@@ -35,9 +35,17 @@ class _Reply:
     n: int
     echoes: list[str]  # per prompt: its text when echo is on, else ""
     has_logprobs: bool
+    system_fingerprint: str
 
     def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=self.system_fingerprint,
+        )
 
     def logprobs(self, entries: list[TokenLogprobs] | None, text_offset: int) -> CompletionLogprobs | None:
         return completion_logprobs(entries or [], text_offset) if self.has_logprobs else None
@@ -55,7 +63,9 @@ async def create_completion(request: Request) -> Response:
     requests = await submit(state, response_id, body, prompts)
     engine = state.require_engine()
     echoes = [_prompt_text(engine, prompt) if body.echo else "" for prompt in prompts]
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.n, echoes, body.logprobs is not None)
+    has_logprobs = body.logprobs is not None
+    fingerprint = state.system_fingerprint(engine)
+    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.n, echoes, has_logprobs, fingerprint)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))

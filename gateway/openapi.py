@@ -8,7 +8,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse, ModelList
+from gateway.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
@@ -46,10 +53,12 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         (ChatCompletionResponse, "serialization"),
         (ChatCompletionChunk, "serialization"),
         (ModelList, "serialization"),
+        (ModelCard, "serialization"),
         (ErrorResponse, "serialization"),
     ]
     _, schema = models_json_schema(models, ref_template=_REF)
     plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    error = {"application/json": {"schema": _ref(ErrorResponse)}}
     paths = {
         "/v1/completions": _generation("Text completion", CompletionRequest, CompletionResponse, CompletionResponse),
         "/v1/chat/completions": _generation(
@@ -59,6 +68,16 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
             "get": {
                 "summary": "The served model",
                 "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(ModelList)}}}},
+            }
+        },
+        "/v1/models/{model_id}": {
+            "get": {
+                "summary": "The served model's card",
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {"schema": _ref(ModelCard)}}},
+                    "404": {"description": "Not the served model", "content": error},
+                },
             }
         },
         "/health": {

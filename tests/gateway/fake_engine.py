@@ -46,6 +46,7 @@ def _text(prompt: Prompt) -> str:
 class FakeEngine:
     def __init__(self, max_model_len: int = 64, step_s: float = 0.0) -> None:
         self.max_model_len = max_model_len
+        self.fingerprint = "fake0123456789ab"
         self.step_s = step_s
         self.is_alive = True
         self.requests: dict[str, tuple[Prompt, SamplingParams]] = {}
