@@ -29,6 +29,7 @@ from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_spec
 from gateway.settings import Settings
 from gateway.state import GatewayState
+from gateway.tokenize import detokenize, tokenize
 
 
 def _version() -> str:
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -16,6 +16,13 @@ from gateway.responses import (
     ModelCard,
     ModelList,
 )
+from gateway.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
@@ -45,6 +52,15 @@ def _generation(summary: str, request: type[BaseModel], response: type[BaseModel
     return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
 
 
+def _tokenizer_route(summary: str, requests: list[type[BaseModel]], response: type[BaseModel]) -> dict[str, Any]:
+    error = {"application/json": {"schema": _ref(ErrorResponse)}}
+    schema = _ref(requests[0]) if len(requests) == 1 else {"oneOf": [_ref(request) for request in requests]}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(response)}}}}
+    responses.update({status: {"description": text, "content": error} for status, text in _ERRORS.items() if status != "429"})
+    body = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
+
+
 def openapi_spec(title: str, version: str) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [
         (CompletionRequest, "validation"),
@@ -55,6 +71,11 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         (ModelList, "serialization"),
         (ModelCard, "serialization"),
         (ErrorResponse, "serialization"),
+        (TokenizeCompletionRequest, "validation"),
+        (TokenizeChatRequest, "validation"),
+        (TokenizeResponse, "serialization"),
+        (DetokenizeRequest, "validation"),
+        (DetokenizeResponse, "serialization"),
     ]
     _, schema = models_json_schema(models, ref_template=_REF)
     plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -80,6 +101,12 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
                 },
             }
         },
+        "/tokenize": _tokenizer_route(
+            "Token ids of a text or chat prompt (vLLM's extension)",
+            [TokenizeCompletionRequest, TokenizeChatRequest],
+            TokenizeResponse,
+        ),
+        "/detokenize": _tokenizer_route("The text of token ids (vLLM's extension)", [DetokenizeRequest], DetokenizeResponse),
         "/health": {
             "get": {
                 "summary": "200 when ready; 503 while loading, draining or after an engine failure",

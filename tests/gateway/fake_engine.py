@@ -61,6 +61,21 @@ class FakeEngine:
     def decode(self, token_ids: list[int]) -> str:
         return "".join(f"<{token_id}>" for token_id in token_ids)
 
+    def tokenize(self, prompt: Prompt, *, add_special_tokens: bool, add_generation_prompt: bool = True) -> list[int]:
+        """Word lengths; 1 (BOS) first with add_special_tokens, 99 last for a chat generation prompt."""
+        if "TOO_LONG" in _text(prompt):
+            raise InvalidRequestError("the chat template cannot render these messages", param="messages")
+        is_chat = not isinstance(prompt, str)
+        return [1] * add_special_tokens + _prompt_ids(prompt) + [99] * (is_chat and add_generation_prompt)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if any(t >= 1000 for t in token_ids):
+            raise InvalidRequestError("token ids must be in [0, 1000)", param="tokens")
+        return self.decode(token_ids)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [f"<{token_id}>" for token_id in token_ids]
+
     def stats(self) -> EngineStats:
         return EngineStats(
             is_alive=self.is_alive,

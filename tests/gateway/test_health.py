@@ -71,6 +71,8 @@ def test_openapi_describes_our_endpoints(client: TestClient) -> None:
         "/v1/chat/completions",
         "/v1/models",
         "/v1/models/{model_id}",
+        "/tokenize",
+        "/detokenize",
         "/health",
         "/metrics",
     }
