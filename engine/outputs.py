@@ -47,12 +47,14 @@ class Usage:
 class RequestOutput:
     """A delta for one request: the choices that changed since the last one.
 
-    `usage` and `queue_s` are set on the final delta (`finished` true) only.
+    `usage` and `queue_s` are set on the final delta (`finished` true) only; `prompt_logprobs` (when asked) on the
+    first, one entry per prompt token, the first None (nothing precedes it).
     """
 
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     usage: Usage | None = None
     queue_s: float | None = None  # seconds from arrival to first scheduled
