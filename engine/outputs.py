@@ -54,10 +54,10 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     usage: Usage | None = None
     queue_s: float | None = None  # seconds from arrival to first scheduled
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True, frozen=True)

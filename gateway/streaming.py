@@ -147,6 +147,8 @@ class ChoiceTotal:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked (echo with logprobs)
 
 
 async def collect(requests: EngineRequests, num_choices: int, n: int) -> tuple[list[ChoiceTotal], list[Usage]]:
@@ -155,6 +157,9 @@ async def collect(requests: EngineRequests, num_choices: int, n: int) -> tuple[l
     usages: list[Usage] = []
     with requests.guard():
         async for prompt_index, output in requests.outputs():
+            for choice in choices[prompt_index * n : (prompt_index + 1) * n]:
+                choice.prompt_token_ids = output.prompt_token_ids
+                choice.prompt_logprobs = output.prompt_logprobs or choice.prompt_logprobs
             for delta in output.outputs:
                 choice = choices[prompt_index * n + delta.index]
                 choice.text += delta.text
