@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineOverloadedError, RequestFailedError
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -49,6 +49,7 @@ class AsyncEngine:
         if self._load_error is not None:
             raise self._load_error
         self.max_model_len = self.engine.max_model_len
+        self.fingerprint = self.engine.fingerprint  # changes when the model or an output-changing setting does
         self._stats = self.engine.stats()
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -74,6 +75,28 @@ class AsyncEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.engine.tokenizer.decode(token_ids)
+
+    # --- tokenizer (any thread may call these: they touch no engine state) ----------------------------------
+
+    def tokenize(
+        self, prompt: str | list[dict[str, str]], *, add_special_tokens: bool, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a text, or of chat messages rendered by the chat template; raises InvalidRequestError."""
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str):
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt, add_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids, special tokens kept (so it round-trips tokenize); raises InvalidRequestError."""
+        vocab = self.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="tokens")
+        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (what logprobs show for it)."""
+        return [self.engine.tokenizer.token_text(t) for t in token_ids]
 
     # --- requests ------------------------------------------------------------------------------------------
 

@@ -56,10 +56,11 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> None:
         """On admission: reuse cached blocks for the longest cached prefix, skipping their prefill.
 
-        At least one token is always left to compute, so the step still produces logits to sample from.
+        At least one token is always left to compute, so the step still produces logits to sample from. A sequence
+        scoring its prompt reuses nothing: a cached block would skip the positions it must score.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.is_scoring_prompt:
             return
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
         parent: int | None = None

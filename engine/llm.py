@@ -75,5 +75,6 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
             choice.logprobs = (choice.logprobs or []) + part.logprobs
         choice.finish_reason = part.finish_reason or choice.finish_reason
         choice.stop_reason = part.stop_reason if part.finish_reason else choice.stop_reason
+    total.prompt_logprobs = delta.prompt_logprobs or total.prompt_logprobs
     if delta.finished:
         total.finished, total.usage, total.queue_s = True, delta.usage, delta.queue_s

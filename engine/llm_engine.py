@@ -1,7 +1,8 @@
 """LLMEngine: the synchronous core loop. add_request / step / abort; a step is schedule, run, postprocess.
 
 Postprocess appends each sampled token, detokenizes incrementally, applies stop rules (EOS, stop token ids,
-stop strings held back until they can no longer match, max_tokens, context length) and emits deltas.
+stop strings held back until they can no longer match, max_tokens, context length) and emits deltas. Logprobs entries
+describe exactly the text emitted: a stop token gets none, and an entry waits for its text (logprobs.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError
+from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
+from engine.logprobs import HeldLogprobs, PromptLogprobs, PromptScore
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
@@ -40,6 +43,7 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     generator: torch.Generator
+    held_logprobs: HeldLogprobs = field(default_factory=HeldLogprobs)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -52,6 +56,7 @@ class _Request:
     choices: list[_Choice]
     stop_ids: frozenset[int]
     max_tokens: int
+    prompt_logprobs: PromptLogprobs | None  # when asked; scored by choice 0 while it prefills
     deltas: dict[int, CompletionOutput] = field(default_factory=dict)  # this step's news, by choice index
 
     @property
@@ -81,6 +86,7 @@ class LLMEngine:
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, _free_cuda_bytes(config, self.device))
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
+        self.fingerprint = engine_fingerprint(config, model_dir, self.dtype, self.device, self.max_model_len)
         start_s = time.perf_counter()
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
         kv_cache_s = time.perf_counter() - start_s
@@ -133,18 +139,22 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.prepare(prompt, params)
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids)
+        is_scoring = params.prompt_logprobs is not None
         choices: list[_Choice] = []
         for index in range(params.n):
-            leader = choices[0].seq if choices and self.config.enable_prefix_caching else None
+            # Followers wait for choice 0's prompt, so the first delta carries its scores (and they reuse its blocks).
+            leader = choices[0].seq if choices and (self.config.enable_prefix_caching or is_scoring) else None
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), arrival_s, leader=leader)
+            seq.is_scoring_prompt = is_scoring and index == 0
             seed = hash((params.seed, index)) if params.seed is not None else self.rng.getrandbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed & (2**63 - 1))
             detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
             choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator))
-        self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens)
+        prompt_logprobs = PromptLogprobs(prompt_ids) if is_scoring else None
+        self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.num_prompt_tokens += len(prompt_ids)
@@ -155,11 +165,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
+        num_wanted = 1 if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + num_wanted > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for {len(prompt_ids)} "
-                f"prompt tokens plus {params.max_tokens or 1} to generate",
+                f"prompt tokens plus {num_wanted} to generate",
                 param="max_tokens" if params.max_tokens and len(prompt_ids) < self.max_model_len else "prompt",
             )
 
@@ -185,13 +195,18 @@ class LLMEngine:
                 seq.first_scheduled_s = now
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
+        ks = [self.requests[seq.request_id].params.prompt_logprobs if seq.is_scoring_prompt else None for seq in batch.seqs]
         try:
-            sampled = self.runner.execute(batch, rows)
+            out = self.runner.execute(batch, rows, ks)
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
             logger.exception("step failed")
             return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
+        sampled = out.sampled
+        for i, scores in out.prompt_scores.items():
+            self._record_prompt_scores(batch.seqs[i], scores)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
+            seq.is_scoring_prompt = seq.is_scoring_prompt and seq.num_computed_tokens < seq.num_prompt_tokens
             self.block_manager.cache_full_blocks(seq)
         touched: dict[str, _Request] = {}
         failed: list[tuple[str, Exception]] = []
@@ -199,13 +214,21 @@ class LLMEngine:
             seq = batch.seqs[i]
             request = self.requests[seq.request_id]
             try:
-                self._append_token(request, request.choices[seq.index], sampled.token_ids[j], sampled.logprobs[j])
+                if request.max_tokens == 0:  # scoring only: the prompt is done, nothing is generated
+                    self._finish(request, request.choices[seq.index], "length")
+                else:
+                    self._append_token(request, request.choices[seq.index], sampled.token_ids[j], sampled.logprobs[j])
             except Exception as exc:  # e.g. a tokenizer failure: this request only
                 logger.exception("postprocess failed for request %s", seq.request_id)
                 failed.extend(self._fail({seq.request_id}, exc))
                 continue
             touched[request.request_id] = request
         return StepResult([self._collect(r) for r in touched.values() if r.request_id in self.requests], failed)
+
+    def _record_prompt_scores(self, seq: Sequence, scores: list[PromptScore]) -> None:
+        request = self.requests[seq.request_id]
+        assert request.prompt_logprobs is not None
+        request.prompt_logprobs.record(scores, request.prompt_token_ids, self.tokenizer.token_text)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         request = self.requests[seq.request_id]
@@ -218,11 +241,9 @@ class LLMEngine:
         self.num_generation_tokens += 1
         delta = request.deltas.setdefault(seq.index, CompletionOutput(seq.index))
         delta.token_ids.append(token_id)
-        if logprobs is not None:
-            delta.logprobs = delta.logprobs or []
-            delta.logprobs.append(self._token_logprobs(token_id, logprobs))
         text = ""
-        if token_id in request.stop_ids:
+        is_stop_token = token_id in request.stop_ids
+        if is_stop_token:
             choice.finish_reason = "stop"
             choice.stop_reason = None if token_id in self.tokenizer.eos_token_ids and not params.stop_token_ids else token_id
         else:
@@ -231,16 +252,26 @@ class LLMEngine:
                 choice.finish_reason = "length"
         if choice.finish_reason is not None:
             text += choice.detokenizer.flush()
+        if logprobs is not None and not is_stop_token:  # a stop token is not part of the text: no entry
+            choice.held_logprobs.add(self._token_logprobs(token_id, logprobs), text)
         emitted, matched = choice.stop_matcher.feed(text)
         if matched is not None:
             choice.finish_reason, choice.stop_reason = "stop", matched
         elif choice.finish_reason is not None:
             emitted += choice.stop_matcher.flush()
         delta.text += emitted
+        if params.logprobs is not None:
+            released = choice.held_logprobs.release(emitted, choice.finish_reason is not None, matched is not None)
+            delta.logprobs = (delta.logprobs or []) + released
         if choice.finish_reason is not None:
-            delta.finish_reason = choice.finish_reason
-            delta.stop_reason = choice.stop_reason
-            self.scheduler.finish(seq)
+            self._finish(request, choice, choice.finish_reason)
+
+    def _finish(self, request: _Request, choice: _Choice, reason: str) -> None:
+        choice.finish_reason = reason
+        delta = request.deltas.setdefault(choice.seq.index, CompletionOutput(choice.seq.index))
+        delta.finish_reason = reason
+        delta.stop_reason = choice.stop_reason
+        self.scheduler.finish(choice.seq)
 
     def _token_logprobs(self, token_id: int, logprobs: tuple) -> TokenLogprobs:
         sampled_lp, top_ids, top_lps = logprobs
@@ -253,6 +284,9 @@ class LLMEngine:
         outputs = [request.deltas[i] for i in sorted(request.deltas)]
         request.deltas = {}
         output = RequestOutput(request.request_id, request.prompt_token_ids, outputs)
+        scored = request.prompt_logprobs
+        if scored is not None and not scored.is_sent and not request.choices[0].seq.is_scoring_prompt:
+            output.prompt_logprobs, scored.is_sent = scored.entries, True
         if request.is_finished:
             del self.requests[request.request_id]
             first = request.choices[0].seq

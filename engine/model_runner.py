@@ -1,19 +1,29 @@
 """ModelRunner: flattens one scheduled step into model inputs + attention metadata, runs the model, samples.
 
-Logits are computed only at the positions that sample (the last token of each sequence that reaches its end).
+Logits are computed only at the positions that sample (the last token of each sequence that reaches its end), and at
+every prompt position of sequences that ask for prompt logprobs (logprobs.py scores those).
 On CUDA, unless enforce_eager, pure-decode steps replay CUDA graphs (cuda_graphs.py) instead of running eagerly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from engine.cuda_graphs import DecodeGraphs
+from engine.logprobs import PromptScore, score_prompts
 from engine.model.attention import AttentionMetadata
 from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SampleRow
 from engine.scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sampled: SamplerOutput
+    prompt_scores: dict[int, list[PromptScore]] = field(default_factory=dict)  # batch index -> this step's prompt scores
 
 
 class ModelRunner:
@@ -40,8 +50,11 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput:
-        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true."""
+    def execute(
+        self, batch: ScheduledBatch, rows: list[SampleRow], prompt_logprobs: list[int | None] | None = None
+    ) -> RunnerOutput:
+        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
+        `prompt_logprobs`, per batch index, the top-k of prompt logprobs to score in this step's chunk (None: none)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -66,10 +79,13 @@ class ModelRunner:
             hidden = self.decode_graphs.replay(input_ids, positions, slots, seq_lens, tables)
         else:
             hidden = self._run_eager(input_ids, positions, slots, query_start_loc, seq_lens, query_lens, tables)
+        scores = {}
+        if prompt_logprobs is not None and any(k is not None for k in prompt_logprobs):
+            scores = score_prompts(self.model, hidden, batch, query_start_loc, prompt_logprobs)
         if not sample_idx:
-            return SamplerOutput([], [])
+            return RunnerOutput(SamplerOutput([], []), scores)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
-        return self.sampler(logits, rows)
+        return RunnerOutput(self.sampler(logits, rows), scores)
 
     def _run_eager(
         self,

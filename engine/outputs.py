@@ -47,7 +47,8 @@ class Usage:
 class RequestOutput:
     """A delta for one request: the choices that changed since the last one.
 
-    `usage` and `queue_s` are set on the final delta (`finished` true) only.
+    `usage` and `queue_s` are set on the final delta (`finished` true) only; `prompt_logprobs` (when asked) on the
+    first, one entry per prompt token, the first None (nothing precedes it).
     """
 
     request_id: str
@@ -56,6 +57,7 @@ class RequestOutput:
     finished: bool = False
     usage: Usage | None = None
     queue_s: float | None = None  # seconds from arrival to first scheduled
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True, frozen=True)

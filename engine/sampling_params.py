@@ -17,7 +17,7 @@ MAX_LOGPROBS = 20
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None: until the context length
+    max_tokens: int | None = 16  # None: until the context length; 0: only score the prompt (with prompt_logprobs)
     min_tokens: int = 0
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: sampled token plus the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (the first: None) plus the top k
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a grammar (engine/structured.py)
     stop_strings: tuple[str, ...] = field(init=False, default=())
@@ -39,9 +40,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be an integer in 1..{MAX_N}")
         _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
             "max_tokens",
-            "must be at least 1",
+            "must be at least 0",
         )
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
         if self.max_tokens is not None:
@@ -78,6 +79,11 @@ class SamplingParams:
         _check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
+            f"must be in 0..{MAX_LOGPROBS}",
+        )
+        _check(
+            self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
             f"must be in 0..{MAX_LOGPROBS}",
         )
 

@@ -31,6 +31,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
     leader: Sequence | None = None  # choice 0, for choices n>1: they wait until its prompt blocks are cached, then share them
+    is_scoring_prompt: bool = False  # computing prompt logprobs: every prompt position runs, none comes from the prefix cache
     was_scheduled: bool = False
     first_scheduled_s: float | None = None
 

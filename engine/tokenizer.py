@@ -39,9 +39,9 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(self._tokenizer.all_special_ids) | {i for i, t in added if t.special}
         self.byte_fallback_ids: frozenset[int] = find_byte_fallback_ids(self._tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` with the model's own special tokens (BOS where the tokenizer adds one)."""
-        return list(self._tokenizer.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, by default with the model's own special tokens (BOS where the tokenizer adds one)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
@@ -50,16 +50,20 @@ class Tokenizer:
         """The text of one token decoded alone (for logprobs); half a character decodes as U+FFFD."""
         return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render chat messages with the model's template, ending with the assistant generation prompt, as token ids."""
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
+        """Render chat messages with the model's template (by default ending with the assistant generation prompt).
+
+        The rendered text already holds the template's special tokens (BOS included), so by default none are added.
+        """
         if not getattr(self._tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except (TemplateError, TypeError, KeyError, ValueError, AttributeError) as exc:
             raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from exc
-        # The rendered text already holds the template's special tokens (BOS included), so add none here.
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def detokenizer(self, prompt_token_ids: list[int] | None = None, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one sequence; the prompt's last ids give the first tokens their context."""

@@ -25,13 +25,14 @@ from engine import AsyncEngine
 from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.errors import APIError, handle_api_error, handle_http_exception
-from gateway.health import health, list_models
+from gateway.health import health, list_models, retrieve_model
 from gateway.loading import load_engine
 from gateway.metrics import metrics_endpoint
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_spec
 from gateway.settings import Settings
 from gateway.state import GatewayState
+from gateway.tokenize import detokenize, tokenize
 
 
 def package_version() -> str:
@@ -68,6 +69,9 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

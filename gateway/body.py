@@ -33,7 +33,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 async def parse_body(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
     """Parse the JSON body into `model`; malformed JSON or an invalid field is a 400."""
-    body = await read_body(request, max_bytes)
+    return parse_json(await read_body(request, max_bytes), model)
+
+
+def parse_json(body: bytes, model: type[ModelT]) -> ModelT:
+    """Parse a body already read into `model`; malformed JSON or an invalid field is a 400."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -37,9 +37,17 @@ class _Reply:
     created: int
     model: str
     has_logprobs: bool
+    system_fingerprint: str
 
     def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=self.system_fingerprint,
+        )
 
     def logprobs(self, entries: list[TokenLogprobs] | None) -> ChatLogprobs | None:
         return chat_logprobs(entries or []) if self.has_logprobs else None
@@ -51,7 +59,8 @@ async def create_chat_completion(request: Request) -> Response:
     messages = body.engine_messages()
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = await submit(state, response_id, body, [messages])
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs)
+    fingerprint = state.system_fingerprint(state.require_engine())
+    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs, fingerprint)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.n, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))
@@ -69,7 +78,12 @@ async def create_chat_completion(request: Request) -> Response:
         for index, total in enumerate(totals)
     ]
     response = ChatCompletionResponse(
-        id=reply.id, created=reply.created, model=reply.model, choices=choices, usage=UsageInfo.total(usages)
+        id=reply.id,
+        created=reply.created,
+        model=reply.model,
+        choices=choices,
+        usage=UsageInfo.total(usages),
+        system_fingerprint=reply.system_fingerprint,
     )
     return Response(response.model_dump_json(), media_type="application/json")
 

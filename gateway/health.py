@@ -1,4 +1,5 @@
-"""GET /health (200 once the engine is loaded and its loop alive; 503 while loading, draining, or dead) and GET /v1/models."""
+"""GET /health (200 once the engine is loaded and its loop alive; 503 while loading, draining, or dead), GET /v1/models
+and GET /v1/models/{id} (the model card, or 404 model_not_found naming the served model)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,22 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def _model_card(state: GatewayState) -> ModelCard:
+    engine = state.require_engine()
+    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=engine.max_model_len)
+
+
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
-    engine = state.require_engine()
-    card = ModelCard(id=state.settings.model_name, created=state.created, max_model_len=engine.max_model_len)
-    return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
+    return Response(ModelList(data=[_model_card(state)]).model_dump_json(), media_type="application/json")
+
+
+async def retrieve_model(request: Request) -> Response:
+    """The route takes the rest of the path: Hub ids hold a slash (the SDK sends it as %2F, which arrives decoded)."""
+    state: GatewayState = request.app.state.gateway
+    model_id = request.path_params["model_id"]
+    served = state.settings.model_name
+    if model_id != served:
+        message = f"The model `{model_id}` does not exist. This server serves: `{served}`."
+        raise APIError(404, message, param="model", code="model_not_found")
+    return Response(_model_card(state).model_dump_json(), media_type="application/json")

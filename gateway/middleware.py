@@ -1,6 +1,7 @@
 """GatewayMiddleware (pure ASGI): request id, access log, drain and API-key gates, in-flight count, last-resort 500.
 
-Health, metrics and the OpenAPI document stay open; only /v1/* needs a key and is refused while loading or draining.
+Health, metrics and the OpenAPI document stay open; only the API (/v1/*, /tokenize, /detokenize) needs a key and is
+refused while loading or draining.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.state import GatewayState, loading_error
 access_logger = logging.getLogger("sirocco.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned; only ever logged
+_API_PATHS_OUTSIDE_V1 = ("/tokenize", "/detokenize")  # vLLM serves these at the root
 
 
 class GatewayMiddleware:
@@ -66,7 +68,8 @@ class GatewayMiddleware:
             )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
-        if not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
+        is_api = scope["path"].startswith("/v1/") or scope["path"] in _API_PATHS_OUTSIDE_V1
+        if not is_api or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         refusal = self._refusal(headers)

@@ -8,7 +8,21 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse, ModelList
+from gateway.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from gateway.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
@@ -38,6 +52,15 @@ def _generation(summary: str, request: type[BaseModel], response: type[BaseModel
     return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
 
 
+def _tokenizer_route(summary: str, requests: list[type[BaseModel]], response: type[BaseModel]) -> dict[str, Any]:
+    error = {"application/json": {"schema": _ref(ErrorResponse)}}
+    schema = _ref(requests[0]) if len(requests) == 1 else {"oneOf": [_ref(request) for request in requests]}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(response)}}}}
+    responses.update({status: {"description": text, "content": error} for status, text in _ERRORS.items() if status != "429"})
+    body = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
+
+
 def openapi_spec(title: str, version: str) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [
         (CompletionRequest, "validation"),
@@ -46,10 +69,17 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         (ChatCompletionResponse, "serialization"),
         (ChatCompletionChunk, "serialization"),
         (ModelList, "serialization"),
+        (ModelCard, "serialization"),
         (ErrorResponse, "serialization"),
+        (TokenizeCompletionRequest, "validation"),
+        (TokenizeChatRequest, "validation"),
+        (TokenizeResponse, "serialization"),
+        (DetokenizeRequest, "validation"),
+        (DetokenizeResponse, "serialization"),
     ]
     _, schema = models_json_schema(models, ref_template=_REF)
     plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    error = {"application/json": {"schema": _ref(ErrorResponse)}}
     paths = {
         "/v1/completions": _generation("Text completion", CompletionRequest, CompletionResponse, CompletionResponse),
         "/v1/chat/completions": _generation(
@@ -61,6 +91,22 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
                 "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(ModelList)}}}},
             }
         },
+        "/v1/models/{model_id}": {
+            "get": {
+                "summary": "The served model's card",
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {"schema": _ref(ModelCard)}}},
+                    "404": {"description": "Not the served model", "content": error},
+                },
+            }
+        },
+        "/tokenize": _tokenizer_route(
+            "Token ids of a text or chat prompt (vLLM's extension)",
+            [TokenizeCompletionRequest, TokenizeChatRequest],
+            TokenizeResponse,
+        ),
+        "/detokenize": _tokenizer_route("The text of token ids (vLLM's extension)", [DetokenizeRequest], DetokenizeResponse),
         "/health": {
             "get": {
                 "summary": "200 when ready; 503 while loading, draining or after an engine failure",

@@ -5,6 +5,7 @@ Strict and closed (extra="forbid"): an unknown field is a 400, and OpenAI fields
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,7 +137,8 @@ class CompletionRequest(GenerationRequest):
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for completions
 
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=0, description="0 only with echo: score the prompt, generate nothing")] | None = None
+    echo: bool = Field(False, description="Return the prompt before the completion; with logprobs, the prompt's logprobs too")
     logprobs: Annotated[int, Field(ge=0)] | None = None
     suffix: str | None = Field(None, description=f"Must be null or empty: {_UNSUPPORTED}")
     best_of: Annotated[int, Field(ge=1)] | None = Field(None, description="Must be null or equal to n")
@@ -148,8 +150,13 @@ class CompletionRequest(GenerationRequest):
         super().check(settings)
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"best_of other than n is {_UNSUPPORTED}", param="best_of", code="unsupported_parameter")
-        if self.echo and self.logprobs is not None:
-            raise bad_request(f"echo together with logprobs (prompt logprobs) is {_UNSUPPORTED}", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt)", param="max_tokens")
+
+    def sampling_params(self, max_tokens_limit: int | None) -> SamplingParams:
+        """With echo, logprobs also asks for the prompt's (how lm-evaluation-harness scores a text through a server)."""
+        params = super().sampling_params(max_tokens_limit)
+        return dataclasses.replace(params, prompt_logprobs=self.logprobs) if self.echo else params
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of engine prompts (one engine request each)."""

@@ -163,10 +163,21 @@ def _logprob(value: float) -> float:
     return value if math.isfinite(value) else _MIN_LOGPROB
 
 
-def completion_logprobs(entries: list[TokenLogprobs], text_offset: int) -> CompletionLogprobs:
-    """Completions format: parallel lists; `text_offset` is where the first token starts in the choice's text."""
+def completion_logprobs(entries: list[TokenLogprobs | None], text_offset: int, first_token: str = "") -> CompletionLogprobs:
+    """Completions format: parallel lists; `text_offset` is where the first token starts in the choice's text.
+
+    A None entry is the prompt's first token (echo with logprobs), `first_token`: nothing precedes it, so OpenAI and vLLM
+    give it a null logprob and null top_logprobs.
+    """
     result = CompletionLogprobs()
     for entry in entries:
+        if entry is None:
+            result.tokens.append(first_token)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            result.text_offset.append(text_offset)
+            text_offset += len(first_token)
+            continue
         result.tokens.append(entry.sampled.token)
         result.token_logprobs.append(_logprob(entry.sampled.logprob))
         top = {item.token: _logprob(item.logprob) for item in entry.top}

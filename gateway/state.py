@@ -5,6 +5,7 @@ One instance per app, on `app.state.gateway`; no module-level state.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,11 @@ class GatewayState:
     def begin_drain(self) -> None:
         """Stop taking new requests; the ones in flight go on."""
         self.is_draining = True
+
+    def system_fingerprint(self, engine: AsyncEngine) -> str:
+        """OpenAI's `system_fingerprint`: `fp_` + a short hash of the served name and the engine's own fingerprint."""
+        digest = hashlib.sha256(f"{self.settings.model_name}\0{engine.fingerprint}".encode()).hexdigest()
+        return f"fp_{digest[:10]}"
 
     def require_engine(self) -> AsyncEngine:
         """The engine, or 503 while it is not loaded, has died, or the server is draining."""

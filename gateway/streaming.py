@@ -25,6 +25,10 @@ from gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
 
+# OpenAI frames each event as `data: ...\n\n`; sse-starlette's default line separator is \r\n, and an event built
+# without a `sep` keeps that default whatever the response's, so both are set from this one constant.
+SSE_SEPARATOR = "\n"
+
 Prompt = str | list[int] | list[dict[str, str]]
 
 
@@ -143,6 +147,8 @@ class ChoiceTotal:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked (echo with logprobs)
 
 
 async def collect(requests: EngineRequests, num_choices: int, n: int) -> tuple[list[ChoiceTotal], list[Usage]]:
@@ -151,6 +157,9 @@ async def collect(requests: EngineRequests, num_choices: int, n: int) -> tuple[l
     usages: list[Usage] = []
     with requests.guard():
         async for prompt_index, output in requests.outputs():
+            for choice in choices[prompt_index * n : (prompt_index + 1) * n]:
+                choice.prompt_token_ids = output.prompt_token_ids
+                choice.prompt_logprobs = output.prompt_logprobs or choice.prompt_logprobs
             for delta in output.outputs:
                 choice = choices[prompt_index * n + delta.index]
                 choice.text += delta.text
@@ -188,15 +197,19 @@ async def sse_events(
     """Chunks as `data:` events, then `[DONE]`; a failure is one final error event instead."""
     try:
         async for chunk in chunks:
-            yield ServerSentEvent(data=chunk.model_dump_json())
+            yield _event(chunk.model_dump_json())
     except Exception as exc:
         requests.close("error")
-        yield ServerSentEvent(data=json.dumps(error_body(from_engine_error(exc, retry_after_s))))
+        yield _event(json.dumps(error_body(from_engine_error(exc, retry_after_s))))
         return
     finally:
         requests.close("abort")  # a no-op once every request has finished
-    yield ServerSentEvent(data="[DONE]")
+    yield _event("[DONE]")
+
+
+def _event(data: str) -> ServerSentEvent:
+    return ServerSentEvent(data=data, sep=SSE_SEPARATOR)
 
 
 def sse_response(events: AsyncIterator[ServerSentEvent], headers: dict[str, str] | None = None) -> EventSourceResponse:
-    return EventSourceResponse(events, headers=headers, sep="\n")
+    return EventSourceResponse(events, headers=headers, sep=SSE_SEPARATOR)

@@ -1,6 +1,8 @@
 """FakeEngine: AsyncEngine's interface with scripted output, for gateway tests without a model.
 
-Choice i of a request emits tokens " t0", " t1", ... (token id 100 + j). Magic words in the prompt trigger failures:
+Choice i of a request emits tokens " t0", " t1", ... (token id 100 + j); prompt token id t has the text "<t>" and the
+logprob -t / 10 (the first, as the real engine reports it, none); max_tokens 0 finishes at once with nothing.
+Magic words in the prompt trigger failures:
 TOO_LONG (InvalidRequestError), OVERLOAD (EngineOverloadedError), DEAD (EngineDeadError), CRASH (RuntimeError),
 FAIL_MID (RequestFailedError after the first delta), SLOW (a pause before each step).
 """
@@ -46,6 +48,7 @@ def _text(prompt: Prompt) -> str:
 class FakeEngine:
     def __init__(self, max_model_len: int = 64, step_s: float = 0.0) -> None:
         self.max_model_len = max_model_len
+        self.fingerprint = "fake0123456789ab"
         self.step_s = step_s
         self.is_alive = True
         self.requests: dict[str, tuple[Prompt, SamplingParams]] = {}
@@ -59,6 +62,21 @@ class FakeEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(f"<{token_id}>" for token_id in token_ids)
+
+    def tokenize(self, prompt: Prompt, *, add_special_tokens: bool, add_generation_prompt: bool = True) -> list[int]:
+        """Word lengths; 1 (BOS) first with add_special_tokens, 99 last for a chat generation prompt."""
+        if "TOO_LONG" in _text(prompt):
+            raise InvalidRequestError("the chat template cannot render these messages", param="messages")
+        is_chat = not isinstance(prompt, str)
+        return [1] * add_special_tokens + _prompt_ids(prompt) + [99] * (is_chat and add_generation_prompt)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if any(t >= 1000 for t in token_ids):
+            raise InvalidRequestError("token ids must be in [0, 1000)", param="tokens")
+        return self.decode(token_ids)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [f"<{token_id}>" for token_id in token_ids]
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -102,7 +120,13 @@ class FakeEngine:
     async def _steps(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, slow: bool, fail: bool
     ) -> AsyncIterator[RequestOutput]:
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        prompt_logprobs = self._prompt_logprobs(prompt_ids, params)
+        if max_tokens == 0:
+            outputs = [CompletionOutput(index=index, finish_reason="length") for index in range(params.n)]
+            usage = Usage(len(prompt_ids), 0, cached_tokens=0)
+            yield RequestOutput(request_id, prompt_ids, outputs, True, usage, 0.001, prompt_logprobs=prompt_logprobs)
+            return
         done = [False] * params.n
         num_tokens = 0
         for step in range(max_tokens):
@@ -125,10 +149,23 @@ class FakeEngine:
             is_finished = all(done)
             usage = Usage(len(prompt_ids), num_tokens, cached_tokens=1) if is_finished else None
             yield RequestOutput(
-                request_id, prompt_ids, outputs, finished=is_finished, usage=usage, queue_s=0.001 if is_finished else None
+                request_id,
+                prompt_ids,
+                outputs,
+                finished=is_finished,
+                usage=usage,
+                queue_s=0.001 if is_finished else None,
+                prompt_logprobs=prompt_logprobs if step == 0 else None,
             )
             if is_finished:
                 return
+
+    @staticmethod
+    def _prompt_logprobs(prompt_ids: list[int], params: SamplingParams) -> list[TokenLogprobs | None] | None:
+        if params.prompt_logprobs is None:
+            return None
+        top = [Logprob(200 + k, f" alt{k}", -1.0 - k) for k in range(params.prompt_logprobs)]
+        return [None] + [TokenLogprobs(Logprob(t, f"<{t}>", -t / 10), top) for t in prompt_ids[1:]]
 
     @staticmethod
     def _output(index: int, step: int, token: str, params: SamplingParams, finish_reason: str | None) -> CompletionOutput:

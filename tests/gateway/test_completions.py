@@ -121,3 +121,42 @@ def test_bodies_are_logged_only_when_asked(make_client, caplog) -> None:  # type
     assert "secret-prompt-one" not in caplog.text
     complete(make_client(log_requests=True), prompt="secret-prompt-two", max_tokens=1)
     assert "secret-prompt-two" in caplog.text
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: TestClient, engine) -> None:
+    """lm-evaluation-harness's request: echo, max_tokens 0, logprobs k; the first prompt token's logprob is null."""
+    body = complete(client, prompt="aa bbb cccc", max_tokens=0, echo=True, logprobs=1)
+    (choice,) = body["choices"]
+    assert (choice["text"], choice["finish_reason"]) == ("aa bbb cccc", "length")
+    assert choice["logprobs"] == {
+        "tokens": ["<2>", "<3>", "<4>"],
+        "token_logprobs": [None, -0.3, -0.4],
+        "top_logprobs": [None, {" alt0": -1.0, "<3>": -0.3}, {" alt0": -1.0, "<4>": -0.4}],
+        "text_offset": [0, 3, 6],
+    }
+    assert body["usage"]["completion_tokens"] == 0
+    (params,) = [params for _, params in engine.requests.values()]
+    assert (params.prompt_logprobs, params.max_tokens) == (1, 0)
+
+
+def test_echo_with_logprobs_then_generated_tokens(client: TestClient) -> None:
+    logprobs = complete(client, prompt="aa bbb", max_tokens=2, echo=True, logprobs=0)["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["<2>", "<3>", " t0", " t1"]
+    assert logprobs["token_logprobs"] == [None, -0.3, -0.5, -0.5]
+    assert logprobs["text_offset"] == [0, 3, 6, 9]  # generated tokens start after the echoed text "aa bbb"
+
+
+def test_max_tokens_zero_needs_echo(client: TestClient) -> None:
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 0}).status_code == 400
+    body = complete(client, prompt="a b", max_tokens=0, echo=True)
+    assert body["choices"][0]["text"] == "a b" and body["choices"][0]["logprobs"] is None
+
+
+def test_stream_echo_chunk_carries_the_prompt_logprobs(client: TestClient) -> None:
+    body = {"model": MODEL, "prompt": ["aa bbb", "c"], "max_tokens": 1, "stream": True, "echo": True, "logprobs": 0, "n": 2}
+    chunks = [chunk["choices"][0] for chunk in sse_json(client.post("/v1/completions", json=body).text)]
+    for index, prompt, tokens in ((0, "aa bbb", ["<2>", "<3>"]), (1, "aa bbb", ["<2>", "<3>"]), (3, "c", ["<1>"])):
+        first, *rest = [chunk for chunk in chunks if chunk["index"] == index]
+        assert first["text"] == prompt and first["logprobs"]["tokens"] == tokens
+        assert first["logprobs"]["token_logprobs"][0] is None
+        assert [chunk["logprobs"]["text_offset"] for chunk in rest] == [[len(prompt)]]

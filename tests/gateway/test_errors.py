@@ -60,7 +60,6 @@ def test_chat_invalid_or_unsupported_field_names_param(client: TestClient, body:
     [
         ({"prompt": "a", "suffix": "b"}, "suffix"),
         ({"prompt": "a", "best_of": 2}, "best_of"),
-        ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
         ({"prompt": "a", "logprobs": 21}, "logprobs"),

@@ -74,7 +74,16 @@ def test_cors_when_configured(make_client) -> None:
 def test_openapi_describes_our_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    assert set(spec["paths"]) == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+    }
     schemas = spec["components"]["schemas"]
     assert "prompt" in schemas["CompletionRequest"]["properties"]
     assert "messages" in schemas["ChatCompletionRequest"]["properties"]
@@ -91,3 +100,19 @@ def test_openapi_describes_our_endpoints(client: TestClient) -> None:
 
     walk(spec)
     assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
+
+
+def test_retrieve_model(make_client) -> None:
+    client = make_client(served_model_name="mistralai/Mistral-7B-Instruct-v0.3")
+    for path in ("/v1/models/mistralai/Mistral-7B-Instruct-v0.3", "/v1/models/mistralai%2FMistral-7B-Instruct-v0.3"):
+        response = client.get(path)
+        assert response.status_code == 200, response.text
+        assert response.json() == client.get("/v1/models").json()["data"][0]
+
+
+def test_retrieve_unknown_model_is_404_naming_the_served_one(client: TestClient) -> None:
+    response = client.get("/v1/models/gpt-4o")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("not_found_error", "model_not_found", "model")
+    assert "gpt-4o" in error["message"] and MODEL in error["message"]

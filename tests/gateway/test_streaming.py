@@ -75,3 +75,22 @@ def test_disconnect_while_waiting_for_a_whole_completion_aborts_it() -> None:
     assert len(engine.requests) == 2
     assert set(engine.requests) <= set(engine.aborted)
     assert not engine.running
+
+
+def test_sse_events_end_in_a_blank_line_of_bare_newlines(client) -> None:
+    """OpenAI's framing on the wire: `data: <json>\\n\\n` per event, no \\r anywhere, `data: [DONE]\\n\\n` last."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "stream": True}
+    for path, body in (
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 3, "stream": True}),
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {"model": MODEL, "prompt": "FAIL_MID", "max_tokens": 3, "stream": True}),
+    ):
+        raw = client.post(path, json=body).content
+        assert b"\r" not in raw
+        events = raw.split(b"\n\n")
+        assert events[-1] == b"" and len(events) >= 3, raw
+        assert all(event.startswith(b"data: ") and b"\n" not in event for event in events[:-1]), raw
+        if "FAIL_MID" not in str(body):
+            assert events[-2] == b"data: [DONE]"
+        else:
+            assert b'"error"' in events[-2]
