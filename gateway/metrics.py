@@ -23,8 +23,9 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 class EngineStatsCollector(Collector):
     """Exposes one EngineStats snapshot per scrape; nothing while no engine is loaded."""
 
-    def __init__(self, read_stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, read_stats: Callable[[], EngineStats | None], block_size: int) -> None:
         self._read_stats = read_stats
+        self._block_size = block_size
 
     def describe(self) -> list[Metric]:
         return []  # names are only known from collect(); skip the registration-time collect
@@ -49,6 +50,13 @@ class EngineStatsCollector(Collector):
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value)
+        # An info metric (always 1, facts in labels) like vLLM's cache_config_info: an inference gateway's endpoint
+        # picker reads the KV-cache shape from it to model each pod's prefix cache.
+        cache_config = GaugeMetricFamily(
+            "sirocco_cache_config_info", "KV-cache shape: tokens per block and blocks", labels=["block_size", "num_kv_blocks"]
+        )
+        cache_config.add_metric([str(self._block_size), str(stats.num_kv_blocks)], 1)
+        yield cache_config
 
 
 class Metrics:
@@ -82,7 +90,7 @@ class Metrics:
         )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
-        self.registry.register(EngineStatsCollector(read_stats))
+        self.registry.register(EngineStatsCollector(read_stats, settings.block_size))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

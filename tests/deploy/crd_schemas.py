@@ -1,8 +1,9 @@
 """Structural JSON schemas for the custom resources the chart renders, which kubernetes-validate cannot know.
 
 Hand-written subsets of the upstream CRDs (prometheus-operator monitoring.coreos.com/v1 ServiceMonitor and
-PrometheusRule, KEDA keda.sh/v1alpha1 ScaledObject): the fields the chart uses, their types, required
-fields, and known field names at every level the chart writes, so a typo fails here and not in a cluster.
+PrometheusRule, KEDA keda.sh/v1alpha1 ScaledObject, Gateway API Inference Extension inference.networking.k8s.io/v1
+InferencePool): the fields the chart uses, their types, required fields, and known field names at every level
+the chart writes, so a typo fails here and not in a cluster.
 """
 
 from __future__ import annotations
@@ -190,8 +191,58 @@ SCALED_OBJECT = _resource(
     ),
 )
 
+# From the extension's config/crd/bases/inference.networking.k8s.io_inferencepools.yaml (v1): its patterns,
+# bounds and enums, and its CEL rules as JSON Schema (unique port numbers; a Service picker needs a port).
+_LABEL_VALUE = {"type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}
+_PORT = _closed({"number": {"type": "integer", "minimum": 1, "maximum": 65535}}, ["number"])
+_DNS_GROUP = {
+    "type": "string",
+    "maxLength": 253,
+    "pattern": r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+}
+_ENDPOINT_PICKER_REF = {
+    **_closed(
+        {
+            "group": _DNS_GROUP,
+            "kind": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+            "port": _PORT,
+            "failureMode": {"enum": ["FailOpen", "FailClose"]},
+        },
+        ["name"],
+    ),
+    # kind defaults to Service, and a Service needs a port.
+    "anyOf": [{"required": ["port"]}, {"required": ["kind"], "properties": {"kind": {"not": {"const": "Service"}}}}],
+}
+INFERENCE_POOL = _resource(
+    "inference.networking.k8s.io/v1",
+    "InferencePool",
+    _closed(
+        {
+            "selector": _closed(
+                {
+                    "matchLabels": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "maxProperties": 64,
+                        "additionalProperties": _LABEL_VALUE,
+                    }
+                },
+                ["matchLabels"],
+            ),
+            # Items hold only `number`, so unique items means unique port numbers.
+            "targetPorts": {"type": "array", "minItems": 1, "maxItems": 8, "uniqueItems": True, "items": _PORT},
+            "appProtocol": {"enum": ["http", "kubernetes.io/h2c"]},
+            "endpointPickerRef": _ENDPOINT_PICKER_REF,
+        },
+        # endpointPickerRef became optional after v1.0; without one no gateway routes to the pool, so the chart requires it.
+        ["selector", "targetPorts", "endpointPickerRef"],
+    ),
+)
+
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOL,
 }

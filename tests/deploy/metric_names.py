@@ -21,6 +21,7 @@ GAUGES = (
     "sirocco_requests_running",
     "sirocco_requests_waiting",
     "sirocco_kv_cache_usage_ratio",
+    "sirocco_cache_config_info",  # always 1; labels block_size and num_kv_blocks (read by an inference gateway's picker)
 )
 METRIC_NAMES = HISTOGRAMS + COUNTERS + GAUGES
 

@@ -22,6 +22,7 @@ NAMES = [
     "sirocco_requests_running",
     "sirocco_requests_waiting",
     "sirocco_kv_cache_usage_ratio",
+    'sirocco_cache_config_info{block_size="16",num_kv_blocks="100"}',
 ]
 
 
@@ -52,6 +53,13 @@ def test_requests_are_counted_and_timed(client: TestClient, engine) -> None:
     assert sample(text, "sirocco_request_queue_time_seconds_count") == 2
     assert sample(text, "sirocco_generation_tokens_total") == engine.num_generation_tokens
     assert sample(text, "sirocco_prefix_cache_hits_total") == 2
+
+
+def test_cache_config_info_carries_the_kv_cache_shape(make_client) -> None:
+    """The endpoint picker of an inference gateway reads block size and block count from these labels."""
+    text = make_client(block_size=32).get("/metrics").text
+    assert "# TYPE sirocco_cache_config_info gauge" in text
+    assert sample(text, 'sirocco_cache_config_info{block_size="32",num_kv_blocks="100"}') == 1
 
 
 def test_buckets_come_from_settings(make_client) -> None:
