@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(engines) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
-    set_threads()
+    threads = set_threads()
 
-    engine_kwargs: dict[str, Any] = {"cache_dir": args.cache_dir}
+    # The same torch threads for every engine (Sirocco's own default leaves a CPU free for a server's HTTP work).
+    engine_kwargs: dict[str, Any] = {"cache_dir": args.cache_dir, "num_threads": threads}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(model=args.model, **engine_kwargs)  # also the tokenizer and device for the other engines

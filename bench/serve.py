@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": True,
+        "num_threads": threads,  # the same on both sides (Sirocco's default leaves a CPU free for the HTTP work)
     }
     llm = LLM(model=args.model, cache_dir=args.cache_dir, **settings)
     settings["num_kv_blocks"] = llm.engine.block_manager.num_blocks
