@@ -87,3 +87,31 @@ def test_hub_repo_offline_without_cache_fails_cleanly(tmp_path: pathlib.Path) ->
     """Repo ids go through huggingface_hub; offline with an empty cache it must raise, not hang or unpickle."""
     with pytest.raises(Exception, match=r"(?i)offline|cache|connect|not found|LocalEntryNotFound"):
         resolve_model_dir(EngineConfig(model="mistralai/Mistral-7B-Instruct-v0.3", download_dir=str(tmp_path)))
+
+
+def test_a_consolidated_mistral_file_beside_the_hf_weights_is_never_read(
+    tiny_mistral_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Mistral's repos hold consolidated.safetensors (other tensor names) beside the Hugging Face file: only the latter loads."""
+    for path in tiny_mistral_dir.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "consolidated.safetensors").write_bytes(b"not a safetensors file: reading it would fail")
+    ids = list(range(100, 120))
+    assert torch.equal(
+        paged_logits(load(tmp_path), ids, prefill_len=20, chunk=20), paged_logits(load(tiny_mistral_dir), ids, 20, 20)
+    )
+
+
+def test_hub_downloads_skip_the_consolidated_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    import huggingface_hub
+
+    asked: dict[str, object] = {}
+
+    def snapshot_download(repo_id: str, **kwargs: object) -> str:
+        asked.update(kwargs, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_dir(EngineConfig(model="mistralai/Mistral-7B-Instruct-v0.3")) == tmp_path
+    assert asked["ignore_patterns"] == ["consolidated*.safetensors"]
+    assert "*.safetensors" in asked["allow_patterns"]  # type: ignore[operator]
