@@ -25,6 +25,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks (processes) the model is split over; >1 starts ranks 1..N-1 as worker processes
+    distributed_timeout_s: float = 120.0  # a tensor-parallel step collective not done by then fails the engine
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -40,5 +42,9 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 1")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

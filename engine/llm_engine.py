@@ -15,11 +15,13 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.distributed import TensorParallelGroup
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.parallel import Partition
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampler import SampleRow
@@ -70,18 +72,29 @@ class LLMEngine:
         model_dir = resolve_model_dir(config)
         self.model_config = read_model_config(model_dir)
         self.device, self.dtype = resolve_device_dtype(config)
-        model = load_model(model_dir, self.model_config, self.device, self.dtype)
+        partition = Partition(0, config.tensor_parallel_size)  # this process is rank 0
+        partition.check(self.model_config)
+        model = load_model(model_dir, self.model_config, self.device, self.dtype, partition)
         self.tokenizer = Tokenizer(model_dir)
-        num_blocks = num_blocks_for(config, self.model_config, self.dtype, _free_cuda_bytes(config, self.device))
+        num_kv_heads = partition.num_kv_heads(self.model_config)
+        free_bytes = _free_cuda_bytes(config, self.device)
+        num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len is above the model's max_position_embeddings ({self.model_config.max_position_embeddings})"
             )
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype, num_kv_heads)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        cpu_decode_kernel = self._cpu_decode_kernel()
+        self.tp_group: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:  # starts ranks 1..N-1; raises RankFailedError, leaving no process behind
+            kernel_dir = cache_root(config.cache_dir) if cpu_decode_kernel is not None else None
+            self.tp_group = TensorParallelGroup(
+                config, model_dir, self.model_config, self.device, self.dtype, num_blocks, kernel_dir
+            )
         self.runner = ModelRunner(
             model,
             kv_cache,
@@ -89,8 +102,9 @@ class LLMEngine:
             self.device,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
-            enforce_eager=config.enforce_eager,
-            cpu_decode_kernel=self._cpu_decode_kernel(),
+            enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
+            cpu_decode_kernel=cpu_decode_kernel,
+            tp_group=self.tp_group,
         )
         self.requests: dict[str, _Request] = {}
         self.rng = random.Random(config.seed)
@@ -177,7 +191,9 @@ class LLMEngine:
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
         try:
             sampled = self.runner.execute(batch, rows)
-        except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
+        except Exception as exc:  # a failed forward pass fails the requests in it, not the engine...
+            if self.tp_group is not None:  # ...unless the ranks are out of step: then nothing more can run
+                raise self.tp_group.fail(exc) from exc
             logger.exception("step failed")
             return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -259,6 +275,11 @@ class LLMEngine:
         for request_id in request_ids:
             self.abort(request_id)
         return [(request_id, exc) for request_id in request_ids]
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any. Idempotent; the engine cannot step afterwards."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
     seed: int = Field(0, description="Seed for requests that do not give one")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Processes (GPUs on CUDA) the model is split over by tensor parallelism"
+    )
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -129,4 +132,5 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
