@@ -166,13 +166,17 @@ class TensorParallelGroup:
     def fail(self, exc: BaseException) -> RankFailedError:
         """After a failed step: find which rank failed and why, log it, stop every worker. Returns the error to raise."""
         self._is_healthy = False
-        connection.wait([w.process.sentinel for w in self._workers], timeout=1.0)  # a rank that just died is seen dead
+        # A rank that just died: its sentinel is ready at once, its exit status a moment later.
+        ended = connection.wait([w.process.sentinel for w in self._workers], timeout=1.0)
+        for worker in self._workers:
+            if worker.process.sentinel in ended:
+                worker.process.join(timeout=5.0)
         reasons = [f"rank {w.rank} {why}" for w in self._workers if (why := self._why(w))]
         if not reasons and "timed out" in str(exc).lower():
             ranks = ", ".join(str(w.rank) for w in self._workers)
             reasons = [f"rank(s) {ranks} alive but a step collective did not complete within {self.timeout_s:g} s"]
         elif not reasons:
-            reasons = [f"the step failed on rank 0: {exc!r}"]
+            reasons = [f"the step failed: {exc!r}"]
         message = "tensor parallel: " + "; ".join(reasons)
         logger.error("%s", message)
         self.close()
