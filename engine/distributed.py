@@ -100,21 +100,12 @@ class TensorParallelGroup:
         self._is_healthy = False  # True once the process group is formed; False again after a failure
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            context = get_context("spawn")  # never fork a process that holds torch threads (and maybe CUDA)
             for rank in range(1, self.world_size):
                 spec = WorkerSpec(
                     rank, self.world_size, str(model_dir), model_config, f"cuda:{rank}" if device.type == "cuda" else "cpu",
                     dtype, config.block_size, num_blocks, kernel_dir, backend, self._store.port, num_threads,
                 )  # fmt: skip
-                control, child_control = context.Pipe()
-                lifeline, child_lifeline = context.Pipe()
-                process = context.Process(
-                    target=_worker_main, args=(spec, child_control, child_lifeline), name=f"sirocco-rank-{rank}", daemon=True
-                )
-                process.start()
-                child_control.close()
-                child_lifeline.close()
-                self._workers.append(_Worker(rank, process, control, lifeline))
+                self._workers.append(_spawn(spec))
             deadline = time.monotonic() + _START_TIMEOUT_S
             for worker in self._workers:
                 self._wait_ready(worker, deadline)
@@ -146,8 +137,22 @@ class TensorParallelGroup:
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Send one step's inputs to ranks 1..N-1, which then run the same forward on their slices."""
+    def run_step(
+        self,
+        model: MistralForCausalLM,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Send the step to ranks 1..N-1 and run rank 0's slice of it -> hidden [num_tokens, hidden]; RankFailedError."""
+        try:
+            self._broadcast_step(input_ids, positions, meta)
+            return model(input_ids, positions, kv_cache, meta)
+        except Exception as exc:  # the ranks are now out of step, whichever failed
+            raise self._fail(exc) from exc
+
+    def _broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         num_seqs, max_blocks = meta.block_tables.shape
         header = torch.tensor([_STEP, input_ids.shape[0], num_seqs, max_blocks], dtype=torch.long, device=self.device)
         payload = torch.cat(
@@ -163,7 +168,7 @@ class TensorParallelGroup:
         dist.broadcast(header, src=0)
         dist.broadcast(payload, src=0)
 
-    def fail(self, exc: BaseException) -> RankFailedError:
+    def _fail(self, exc: BaseException) -> RankFailedError:
         """After a failed step: find which rank failed and why, log it, stop every worker. Returns the error to raise."""
         self._is_healthy = False
         # A rank that just died: its sentinel is ready at once, its exit status a moment later.
@@ -221,6 +226,19 @@ class TensorParallelGroup:
 
 
 # --- ranks 1..N-1 ------------------------------------------------------------------------------------------
+
+
+def _spawn(spec: WorkerSpec) -> _Worker:
+    context = get_context("spawn")  # never fork a process that holds torch threads (and maybe CUDA)
+    control, child_control = context.Pipe()
+    lifeline, child_lifeline = context.Pipe()
+    process = context.Process(
+        target=_worker_main, args=(spec, child_control, child_lifeline), name=f"sirocco-rank-{spec.rank}", daemon=True
+    )
+    process.start()
+    child_control.close()  # the child holds its own copies: its ends now close when it exits
+    child_lifeline.close()
+    return _Worker(spec.rank, process, control, lifeline)
 
 
 def _worker_main(spec: WorkerSpec, control: Connection, lifeline: Connection) -> None:

@@ -17,7 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.distributed import TensorParallelGroup
 from engine.embedded import cache_root
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, RankFailedError
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
@@ -191,9 +191,9 @@ class LLMEngine:
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
         try:
             sampled = self.runner.execute(batch, rows)
-        except Exception as exc:  # a failed forward pass fails the requests in it, not the engine...
-            if self.tp_group is not None:  # ...unless the ranks are out of step: then nothing more can run
-                raise self.tp_group.fail(exc) from exc
+        except RankFailedError:
+            raise  # tensor-parallel ranks out of step: the engine cannot go on
+        except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
             logger.exception("step failed")
             return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):

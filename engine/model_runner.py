@@ -96,8 +96,8 @@ class ModelRunner:
             cpu_decode_kernel=self.cpu_decode_kernel,
         )
         input_ids_t, positions_t = self._tensor(input_ids, torch.long), self._tensor(positions, torch.long)
-        if self.tp_group is not None:
-            self.tp_group.broadcast_step(input_ids_t, positions_t, meta)
+        if self.tp_group is not None:  # every rank runs this step on its slice; a failure is RankFailedError
+            return self.tp_group.run_step(self.model, input_ids_t, positions_t, self.kv_cache, meta)
         return self.model(input_ids_t, positions_t, self.kv_cache, meta)
 
     def _tensor(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
