@@ -87,6 +87,8 @@ class TensorParallelGroup:
         self.device = device
         if dist.is_initialized():
             raise ValueError("this process already has a torch.distributed group: one tensor-parallel engine per process")
+        if device.type == "cuda" and device.index not in (None, 0):
+            raise ValueError("with tensor parallelism rank r runs on cuda:r: set device to cuda, not a numbered GPU")
         if device.type == "cuda" and torch.cuda.device_count() < self.world_size:
             raise ValueError(f"tensor_parallel_size {self.world_size} needs as many GPUs; {torch.cuda.device_count()} visible")
         self._saved_num_threads = torch.get_num_threads()
