@@ -34,6 +34,8 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch threads on CPU; None: one fewer than the CPUs this process may use (engine/threads.py)
+    tensor_parallel_size: int = 1  # ranks (processes) the model is split over; >1 starts ranks 1..N-1 as worker processes
+    distributed_timeout_s: float = 120.0  # a tensor-parallel step collective not done by then fails the engine
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -48,6 +50,12 @@ class EngineConfig:
             raise ConfigError("num_threads", f"num_threads must be at least 1 (got {self.num_threads})")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib", f"kv_cache_gib must be positive (got {self.kv_cache_gib})")
+        if self.tensor_parallel_size < 1:
+            message = f"tensor_parallel_size must be at least 1 (got {self.tensor_parallel_size})"
+            raise ConfigError("tensor_parallel_size", message)
+        if self.distributed_timeout_s <= 0:
+            message = f"distributed_timeout_s must be positive (got {self.distributed_timeout_s})"
+            raise ConfigError("distributed_timeout_s", message)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

@@ -28,3 +28,7 @@ class EngineDeadError(EngineError):
 
 class RequestFailedError(EngineError):
     """One request failed inside the engine; other requests are unaffected."""
+
+
+class RankFailedError(EngineError):
+    """A tensor-parallel rank failed to start, died or hung: the ranks are out of step and the engine cannot go on."""

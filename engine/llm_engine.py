@@ -16,13 +16,15 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.distributed import TensorParallelGroup
 from engine.embedded import cache_root
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, RankFailedError
 from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.logprobs import HeldLogprobs, PromptLogprobs, PromptScore
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.parallel import Partition
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampler import SampleRow
@@ -79,19 +81,30 @@ class LLMEngine:
         model_dir = resolve_model_dir(config)
         self.model_config = read_model_config(model_dir)
         check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
-        model = load_model(model_dir, self.model_config, self.device, self.dtype)
+        partition = Partition(0, config.tensor_parallel_size)  # this process is rank 0
+        partition.check(self.model_config)
+        model = load_model(model_dir, self.model_config, self.device, self.dtype, partition)
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
-        num_blocks = num_blocks_for(config, self.model_config, self.dtype, _free_cuda_bytes(config, self.device))
+        num_kv_heads = partition.num_kv_heads(self.model_config)
+        free_bytes = _free_cuda_bytes(config, self.device)
+        num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.fingerprint = engine_fingerprint(config, model_dir, self.dtype, self.device, self.max_model_len)
         start_s = time.perf_counter()
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype)
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype, num_kv_heads)
         kv_cache_s = time.perf_counter() - start_s
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        cpu_decode_kernel = self._cpu_decode_kernel()
+        self.tp_group: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:  # starts ranks 1..N-1; raises RankFailedError, leaving no process behind
+            kernel_dir = cache_root(config.cache_dir) if cpu_decode_kernel is not None else None
+            self.tp_group = TensorParallelGroup(
+                config, model_dir, self.model_config, self.device, self.dtype, num_blocks, kernel_dir
+            )
         self.runner = ModelRunner(
             model,
             kv_cache,
@@ -99,8 +112,9 @@ class LLMEngine:
             self.device,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
-            enforce_eager=config.enforce_eager,
-            cpu_decode_kernel=self._cpu_decode_kernel(),
+            enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
+            cpu_decode_kernel=cpu_decode_kernel,
+            tp_group=self.tp_group,
         )
         self.requests: dict[str, _Request] = {}
         self.rng = random.Random(config.seed)
@@ -198,6 +212,8 @@ class LLMEngine:
         ks = [self.requests[seq.request_id].params.prompt_logprobs if seq.is_scoring_prompt else None for seq in batch.seqs]
         try:
             out = self.runner.execute(batch, rows, ks)
+        except RankFailedError:
+            raise  # tensor-parallel ranks out of step: the engine cannot go on
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
             logger.exception("step failed")
             return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
@@ -303,6 +319,11 @@ class LLMEngine:
         for request_id in request_ids:
             self.abort(request_id)
         return [(request_id, exc) for request_id in request_ids]
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any. Idempotent; the engine cannot step afterwards."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -2,6 +2,7 @@
 
 Weights are only ever read from safetensors: folders with pickle files alone are refused, never unpickled.
 The model is built on the meta device and each tensor goes from the file straight to its place on the target device.
+A tensor-parallel rank reads only its own slice of each split tensor (safe_open's get_slice), never the whole tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from engine.config import ConfigError, EngineConfig
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
+from engine.model.parallel import WHOLE, Partition
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +131,14 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     )
 
 
-def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> MistralForCausalLM:
-    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype`."""
+def load_model(
+    model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, partition: Partition = WHOLE
+) -> MistralForCausalLM:
+    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices)."""
     start = time.perf_counter()
     files = _safetensors_files(model_dir)
     with torch.device("meta"):
-        model = MistralForCausalLM(model_config)
+        model = MistralForCausalLM(model_config, partition)
     model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
     expected = _checkpoint_names(params)
@@ -148,7 +152,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
                         unexpected.append(name)
                     continue
                 target, rows = _target(model, name)
-                tensor = f.get_tensor(name)
+                tensor = _read_tensor(f, name, partition.shard(name, model_config))
                 dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
                 if dest.shape != tensor.shape:
                     raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
@@ -160,10 +164,20 @@ def load_model(model_dir: Path, model_config: ModelConfig, device: torch.device,
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
         )
     model.model.rotary_emb.build(device, dtype)
-    model.pack_cpu_logits()
+    if partition.rank == 0:  # only rank 0 computes logits
+        model.pack_cpu_logits()
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
     return model
+
+
+def _read_tensor(f: Any, name: str, shard: tuple[int, int, int] | None) -> torch.Tensor:
+    """The whole tensor, or only the rows (dim 0) or columns (dim 1) of this rank's slice."""
+    if shard is None:
+        return f.get_tensor(name)
+    dim, begin, end = shard
+    view = f.get_slice(name)
+    return view[begin:end] if dim == 0 else view[:, begin:end]
 
 
 def _checkpoint_names(params: dict[str, torch.nn.Parameter]) -> set[str]:

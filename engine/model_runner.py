@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.cuda_graphs import DecodeGraphs
+from engine.distributed import TensorParallelGroup
 from engine.logprobs import PromptScore, score_prompts
 from engine.model.attention import AttentionMetadata
 from engine.model.cpu_attention import DecodeKernel
@@ -38,6 +39,7 @@ class ModelRunner:
         max_model_len: int = 0,
         enforce_eager: bool = True,
         cpu_decode_kernel: DecodeKernel | None = None,
+        tp_group: TensorParallelGroup | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -45,6 +47,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.cpu_decode_kernel = cpu_decode_kernel
+        self.tp_group = tp_group  # tensor parallelism: ranks 1..N-1 get each step's inputs before rank 0 runs it
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
             self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
@@ -108,7 +111,10 @@ class ModelRunner:
             is_decode_only=len(input_ids) == len(seq_lens),
             cpu_decode_kernel=self.cpu_decode_kernel,
         )
-        return self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self.kv_cache, meta)
+        input_ids_t, positions_t = self._tensor(input_ids, torch.long), self._tensor(positions, torch.long)
+        if self.tp_group is not None:  # every rank runs this step on its slice; a failure is RankFailedError
+            return self.tp_group.run_step(self.model, input_ids_t, positions_t, self.kv_cache, meta)
+        return self.model(input_ids_t, positions_t, self.kv_cache, meta)
 
     def _tensor(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(data, dtype=dtype)

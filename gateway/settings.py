@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         ge=1,
         description="Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1",
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Processes (GPUs on CUDA) the model is split over by tensor parallelism"
+    )
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -144,6 +147,7 @@ class Settings(BaseSettings):
             enforce_eager=self.enforce_eager,
             seed=self.seed,
             num_threads=self.num_threads,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
 

@@ -23,7 +23,9 @@ def embedded_model_dir() -> pathlib.Path:
     return convert_or_find(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
 
 
-def write_tiny_mistral(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None) -> pathlib.Path:
+def write_tiny_mistral(
+    out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None, num_key_value_heads: int = 2
+) -> pathlib.Path:
     """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
@@ -35,7 +37,7 @@ def write_tiny_mistral(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, slidi
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=num_key_value_heads,
         head_dim=16,
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # transformers 5 spelling of rope_theta

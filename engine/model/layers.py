@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.parallel import Partition, RowParallelLinear
 
 
 class RMSNorm(nn.Module):
@@ -71,11 +72,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one fused matrix [2 * intermediate, hidden]."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, partition: Partition) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = partition.intermediate_size(config)  # this rank's columns
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = RowParallelLinear(self.intermediate_size, config.hidden_size, partition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [num_tokens, intermediate] x2

@@ -2,6 +2,7 @@
 
 Parameter names are Hugging Face's, except that q/k/v and gate/up are fused into one matrix each at load time
 (`qkv_proj`, `gate_up_proj`); the loader writes each Hugging Face tensor into its slice, see PACKED_MODULES.
+Under tensor parallelism every rank builds the same classes with its share of the heads and MLP columns (parallel.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.config import ModelConfig
 from engine.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.model.parallel import WHOLE, Partition, RowParallelLinear
 
 # Hugging Face module name -> (our fused module name, shard index). Shard sizes come from the model config.
 PACKED_MODULES = {
@@ -26,17 +28,17 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value) [nu
 
 
 class MistralAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, partition: Partition) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = partition.num_heads(config)  # this rank's heads (all of them without tensor parallelism)
+        self.num_kv_heads = partition.num_kv_heads(config)
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, partition)
         self.rotary_emb = rotary_emb
 
     def forward(
@@ -54,10 +56,10 @@ class MistralAttention(nn.Module):
 
 
 class MistralDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, partition: Partition) -> None:
         super().__init__()
-        self.self_attn = MistralAttention(config, rotary_emb)
-        self.mlp = GatedMLP(config)
+        self.self_attn = MistralAttention(config, rotary_emb, partition)
+        self.mlp = GatedMLP(config, partition)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -69,14 +71,16 @@ class MistralDecoderLayer(nn.Module):
 
 
 class MistralModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, partition: Partition) -> None:
         super().__init__()
         # _weight skips the random init: on the meta device normal_ imports torch._dynamo, 10 s on a busy 2-CPU box
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )  # weight [vocab_size, hidden]
         self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(MistralDecoderLayer(config, self.rotary_emb) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            MistralDecoderLayer(config, self.rotary_emb, partition) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -89,12 +93,15 @@ class MistralModel(nn.Module):
 
 
 class MistralForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, partition: Partition = WHOLE) -> None:
         super().__init__()
         self.config = config
-        self.model = MistralModel(config)
-        # Tied checkpoints have no lm_head tensor: logits use the embedding matrix.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.partition = partition
+        self.model = MistralModel(config, partition)
+        # Tied checkpoints have no lm_head tensor: logits use the embedding matrix. Under tensor parallelism only rank 0
+        # samples, so ranks 1..N-1 hold no lm_head and never compute logits.
+        has_lm_head = not config.tie_word_embeddings and partition.rank == 0
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_lm_head else None
         self.cpu_logits_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # set by pack_cpu_logits()
 
     def forward(
@@ -121,7 +128,9 @@ class MistralForCausalLM(nn.Module):
             self.cpu_logits_weight = (weight.detach().to_mkldnn(), bias.to_mkldnn())
 
     def packed_shard_sizes(self, fused_name: str) -> list[int]:
-        c = self.config
+        """Rows of each Hugging Face tensor inside our fused matrix (this rank's slice of each)."""
+        c, p = self.config, self.partition
         if fused_name == "qkv_proj":
-            return [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+            q_size, kv_size = p.num_heads(c) * c.head_dim, p.num_kv_heads(c) * c.head_dim
+            return [q_size, kv_size, kv_size]
+        return [p.intermediate_size(c), p.intermediate_size(c)]
