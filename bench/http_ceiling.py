@@ -1,0 +1,343 @@
+"""HTTP-side ceiling: streamed tokens/s through the real gateway app and uvicorn, with an engine that costs nothing.
+
+A `serve` subprocess runs uvicorn on 127.0.0.1 with create_app(settings, engine=ZeroCostEngine(...)): every delta is
+ready at once (the engine's only work is building the RequestOutput), so all the server's CPU is the HTTP side's:
+parsing, pydantic, SSE framing, metrics, the event loop. This process is the load generator: `concurrency` httpx
+clients stream requests back to back for a fixed window and count tokens from the SSE chunks; the server's CPU
+seconds in the same window come from /proc/<pid>/stat, so `server_cpu_us_per_token` does not depend on how fast the
+client is (on a small machine the client shares the cores). `ceiling_tokens_per_s` = 1e6 / that: one core's worth.
+
+    python -m bench.http_ceiling --out bench/results/http-ceiling-cpu.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from bench.common import emit
+from engine import CompletionOutput, EngineStats, RequestOutput, SamplingParams, Usage
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_WORD = " x"  # the text of one token: a chunk's token count is its number of words
+_MODEL = "ceiling"
+
+
+class ZeroCostEngine:
+    """AsyncEngine's interface (what the gateway calls); every delta is ready at once, `tokens_per_delta` tokens each.
+
+    One `asyncio.sleep(0)` before each delta gives the other streams their turn, as a real engine's per-step delivery does.
+    """
+
+    def __init__(self, tokens_per_delta: int, max_model_len: int = 1 << 20) -> None:
+        self.tokens_per_delta = tokens_per_delta
+        self.max_model_len = max_model_len
+        self.is_alive = True
+        self.num_running = 0
+        self.num_generation_tokens = 0
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.is_alive = False
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def decode(self, token_ids: list[int]) -> str:
+        return _WORD * len(token_ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            is_alive=self.is_alive,
+            error=None,
+            num_running=self.num_running,
+            num_waiting=0,
+            num_kv_blocks=1,
+            num_free_kv_blocks=1,
+            kv_cache_usage=0.0,
+            num_prompt_tokens=0,
+            num_generation_tokens=self.num_generation_tokens,
+            num_preemptions=0,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+        )
+
+    async def generate(self, request_id: str, prompt: object, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        prompt_ids = [1, 2, 3]
+        max_tokens = params.max_tokens or 16
+        num_sent = 0
+        self.num_running += 1
+        try:
+            while num_sent < max_tokens:
+                await asyncio.sleep(0)
+                num_new = min(self.tokens_per_delta, max_tokens - num_sent)
+                num_sent += num_new
+                finished = num_sent == max_tokens
+                choice = CompletionOutput(
+                    index=0,
+                    text=_WORD * num_new,
+                    token_ids=list(range(num_sent - num_new, num_sent)),
+                    finish_reason="length" if finished else None,
+                )
+                usage = Usage(len(prompt_ids), num_sent, cached_tokens=0) if finished else None
+                self.num_generation_tokens += num_new
+                yield RequestOutput(
+                    request_id, prompt_ids, [choice], finished=finished, usage=usage, queue_s=0.0 if finished else None
+                )
+        finally:
+            self.num_running -= 1
+
+
+# --- server subprocess ---------------------------------------------------------------------------------------
+
+
+def serve(port: int, tokens_per_delta: int, profile_path: str | None) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.settings import Settings
+
+    settings = Settings(served_model_name=_MODEL, port=port, log_level="warning")
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings, engine=ZeroCostEngine(tokens_per_delta))  # type: ignore[arg-type]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    profiler = None
+    if profile_path is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT that stopped it, once it has shut down
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # fields 14 and 15 of proc(5), counted after the name
+
+
+class Server:
+    """The `serve` subprocess on a free loopback port; stopped (SIGINT, then kill) on exit."""
+
+    def __init__(self, tokens_per_delta: int, profile_path: str | None = None) -> None:
+        self.port = _free_port()
+        command = [sys.executable, "-m", "bench.http_ceiling", "serve", "--port", str(self.port)]
+        command += ["--tokens-per-delta", str(tokens_per_delta)]
+        if profile_path:
+            command += ["--profile", profile_path]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline_s = time.monotonic() + timeout_s
+        while time.monotonic() < deadline_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server was not healthy within {timeout_s} s")
+
+    def stop(self) -> None:
+        self.process.send_signal(2)  # SIGINT: uvicorn exits cleanly (and a profile is written)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- load generator ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    num_tokens: int = 0
+    num_chunks: int = 0
+    num_requests: int = 0
+    num_errors: int = 0
+
+
+def _count_tokens(endpoint: str, data: bytes) -> int:
+    chunk = json.loads(data)
+    if endpoint == "chat":
+        return sum(len((choice["delta"].get("content") or "").split()) for choice in chunk["choices"])
+    return sum(len(choice["text"].split()) for choice in chunk["choices"])
+
+
+async def _stream_one(client: httpx.AsyncClient, endpoint: str, max_tokens: int, counts: Counts) -> None:
+    if endpoint == "chat":
+        path = "/v1/chat/completions"
+        body = {"model": _MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": True}
+    else:
+        path = "/v1/completions"
+        body = {"model": _MODEL, "prompt": "hi", "max_tokens": max_tokens, "stream": True}
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            counts.num_errors += 1
+            await response.aread()
+            return
+        buffer = b""
+        async for raw in response.aiter_raw():
+            buffer += raw
+            *lines, buffer = buffer.split(b"\n")  # events end in a blank line; each data line is one chunk here
+            for line in lines:
+                if not line.startswith(b"data: "):
+                    continue  # blank lines and sse-starlette's keep-alive comments
+                data = line[6:].rstrip(b"\r")
+                if data == b"[DONE]":
+                    counts.num_requests += 1
+                    return
+                counts.num_chunks += 1
+                counts.num_tokens += _count_tokens(endpoint, data)
+    counts.num_errors += 1  # the stream ended without [DONE]
+
+
+async def _client(client: httpx.AsyncClient, endpoint: str, max_tokens: int, counts: Counts) -> None:
+    while True:
+        await _stream_one(client, endpoint, max_tokens, counts)
+
+
+async def measure(
+    url: str, pid: int, endpoint: str, concurrency: int, max_tokens: int, warm_up_s: float, window_s: float
+) -> dict:
+    """Stream with `concurrency` clients; count tokens and the server's CPU over `window_s` after `warm_up_s`."""
+    counts = Counts()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(60.0)) as client:
+        tasks = [asyncio.ensure_future(_client(client, endpoint, max_tokens, counts)) for _ in range(concurrency)]
+        try:
+            await asyncio.sleep(warm_up_s)
+            start_tokens, start_chunks, start_cpu_s, start_client_s = (
+                counts.num_tokens,
+                counts.num_chunks,
+                _cpu_s(pid),
+                time.process_time(),
+            )
+            start_s = time.perf_counter()
+            await asyncio.sleep(window_s)
+            wall_s = time.perf_counter() - start_s
+            num_tokens, num_chunks = counts.num_tokens - start_tokens, counts.num_chunks - start_chunks
+            server_cpu_s, client_cpu_s = _cpu_s(pid) - start_cpu_s, time.process_time() - start_client_s
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} clients failed, first: {failures[0]!r}")
+    if counts.num_errors:
+        raise RuntimeError(f"{counts.num_errors} requests failed")
+    cpu_us_per_token = server_cpu_s / max(num_tokens, 1) * 1e6
+    return {
+        "tokens_per_s": round(num_tokens / wall_s, 1),
+        "chunks_per_s": round(num_chunks / wall_s, 1),
+        "server_cpu_us_per_token": round(cpu_us_per_token, 2),
+        "server_cpu_us_per_chunk": round(server_cpu_s / max(num_chunks, 1) * 1e6, 2),
+        "ceiling_tokens_per_s": round(1e6 / cpu_us_per_token, 0) if num_tokens else 0,
+        "server_cpu_share": round(server_cpu_s / wall_s, 2),  # cores the server used
+        "client_cpu_share": round(client_cpu_s / wall_s, 2),
+        "num_tokens": num_tokens,
+        "num_requests_done": counts.num_requests,
+        "window_s": round(wall_s, 2),
+    }
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "num_cores": len(os.sched_getaffinity(0)),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    serve_parser = sub.add_parser("serve", help="(internal) the server subprocess")
+    serve_parser.add_argument("--port", type=int, required=True)
+    serve_parser.add_argument("--tokens-per-delta", type=int, default=1)
+    serve_parser.add_argument("--profile", default=None, help="write cProfile stats here on exit")
+    parser.add_argument("--endpoints", default="chat,completions")
+    parser.add_argument("--concurrency", default="16,64,256", help="comma-separated client counts (one token per delta)")
+    parser.add_argument("--tokens-per-delta", default="4,16", help="extra runs at the highest concurrency, chat only")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--warm-up-s", type=float, default=2.0)
+    parser.add_argument("--window-s", type=float, default=6.0)
+    parser.add_argument("--label", default="", help="free text recorded in every line (e.g. the gateway version measured)")
+    parser.add_argument("--out", default=None, help="also append the JSON lines here")
+    parser.add_argument("--profile", default=None, help="write the (first) server's cProfile stats here; skews its figures")
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.port, args.tokens_per_delta, args.profile)
+        return
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    runs = {1: [(endpoint, c) for endpoint in args.endpoints.split(",") for c in concurrencies]}  # one server per k
+    for k in args.tokens_per_delta.split(","):
+        if k:
+            runs.setdefault(int(k), []).append(("chat", max(concurrencies)))
+    for tokens_per_delta, levels in runs.items():
+        with Server(tokens_per_delta, args.profile) as server:
+            for endpoint, concurrency in levels:
+                result = asyncio.run(
+                    measure(server.url, server.process.pid, endpoint, concurrency, args.max_tokens, args.warm_up_s, args.window_s)
+                )
+                record = {
+                    "bench": "http_ceiling",
+                    "label": args.label,
+                    "endpoint": endpoint,
+                    "concurrency": concurrency,
+                    "tokens_per_delta": tokens_per_delta,
+                    "max_tokens": args.max_tokens,
+                    **result,
+                    **_machine(),
+                }
+                emit(record, args.out)
+
+
+if __name__ == "__main__":
+    main()
