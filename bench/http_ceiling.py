@@ -120,7 +120,7 @@ def serve(port: int, tokens_per_delta: int, profile_path: str | None) -> None:
     if profile_path is not None:
         import cProfile
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.process_time)  # CPU time: under load, wall time counts waiting
         profiler.enable()
     try:
         server.run()
