@@ -6,6 +6,9 @@ parsing, pydantic, SSE framing, metrics, the event loop. This process is the loa
 clients stream requests back to back for a fixed window and count tokens from the SSE chunks; the server's CPU
 seconds in the same window come from /proc/<pid>/stat, so `server_cpu_us_per_token` does not depend on how fast the
 client is (on a small machine the client shares the cores). `ceiling_tokens_per_s` = 1e6 / that: one core's worth.
+Extra runs: the zero-cost engine with several tokens per delta; and the REAL AsyncEngine (thread, queues, delta joining)
+over PacedCore, a stand-in LLMEngine stepping at a target rate, to see whether the engine keeps its rate beside the HTTP
+side in one process (engine_tokens_per_s against engine_target_tokens_per_s).
 
     python -m bench.http_ceiling --out bench/results/http-ceiling-cpu.jsonl
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -22,12 +26,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
 from bench.common import emit
-from engine import CompletionOutput, EngineStats, RequestOutput, SamplingParams, Usage
+from engine import AsyncEngine, CompletionOutput, EngineConfig, EngineStats, RequestOutput, SamplingParams, Usage, async_engine
+from engine.llm_engine import StepResult
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _WORD = " x"  # the text of one token: a chunk's token count is its number of words
@@ -101,10 +106,72 @@ class ZeroCostEngine:
             self.num_running -= 1
 
 
+class PacedCore:
+    """LLMEngine's interface as AsyncEngine drives it, stepping at a fixed rate: the REAL AsyncEngine runs on top.
+
+    A step waits (time.sleep, GIL released, like a GPU forward) until its slot, then gives every running request one
+    token. If the process's other Python work (the HTTP side) holds the GIL, steps start late: the engine's achieved
+    tokens/s (sirocco_generation_tokens on /metrics) falls below the target. That is the cost of sharing one process.
+    """
+
+    def __init__(self, config: EngineConfig, step_s: float) -> None:
+        self.step_s = step_s
+        self.max_model_len = 1 << 20
+        self.tokenizer = self
+        self._running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens sent]
+        self._next_step_s = time.perf_counter()
+        self.num_generation_tokens = 0
+
+    def decode(self, token_ids: list[int]) -> str:
+        return _WORD * len(token_ids)
+
+    def prepare(self, prompt: object, params: SamplingParams) -> list[int]:
+        return [1, 2, 3]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._running)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._running[request_id] = [params.max_tokens or 16, 0]
+
+    def abort(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+
+    def step(self) -> StepResult:
+        now_s = time.perf_counter()
+        self._next_step_s = max(self._next_step_s + self.step_s, now_s)  # a late step is not made up for
+        time.sleep(self._next_step_s - now_s)
+        outputs = []
+        for request_id, counts in list(self._running.items()):
+            counts[1] += 1
+            finished = counts[1] == counts[0]
+            choice = CompletionOutput(0, _WORD, [counts[1]], finish_reason="length" if finished else None)
+            usage = Usage(3, counts[1], cached_tokens=0) if finished else None
+            outputs.append(RequestOutput(request_id, [1, 2, 3], [choice], finished, usage, 0.0 if finished else None))
+            if finished:
+                del self._running[request_id]
+        self.num_generation_tokens += len(outputs)
+        return StepResult(outputs, [])
+
+    def stats(self) -> EngineStats:
+        return replace(
+            ZeroCostEngine(1).stats(), num_running=len(self._running), num_generation_tokens=self.num_generation_tokens
+        )
+
+
+def _paced_engine(step_s: float) -> AsyncEngine:
+    """The real AsyncEngine (thread, queues, delta joining) over PacedCore instead of a model."""
+    async_engine.LLMEngine = functools.partial(PacedCore, step_s=step_s)  # type: ignore[misc]  # this process only
+    engine = AsyncEngine(EngineConfig())
+    engine.start()
+    return engine
+
+
 # --- server subprocess ---------------------------------------------------------------------------------------
 
 
-def serve(port: int, tokens_per_delta: int, profile_path: str | None) -> None:
+def serve(port: int, tokens_per_delta: int, step_s: float | None, profile_path: str | None) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -113,7 +180,8 @@ def serve(port: int, tokens_per_delta: int, profile_path: str | None) -> None:
 
     settings = Settings(served_model_name=_MODEL, port=port, log_level="warning")
     configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings, engine=ZeroCostEngine(tokens_per_delta))  # type: ignore[arg-type]
+    engine = ZeroCostEngine(tokens_per_delta) if step_s is None else _paced_engine(step_s)
+    app = create_app(settings, engine=engine)  # type: ignore[arg-type]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     profiler = None
@@ -148,10 +216,12 @@ def _cpu_s(pid: int) -> float:
 class Server:
     """The `serve` subprocess on a free loopback port; stopped (SIGINT, then kill) on exit."""
 
-    def __init__(self, tokens_per_delta: int, profile_path: str | None = None) -> None:
+    def __init__(self, tokens_per_delta: int, step_s: float | None = None, profile_path: str | None = None) -> None:
         self.port = _free_port()
         command = [sys.executable, "-m", "bench.http_ceiling", "serve", "--port", str(self.port)]
         command += ["--tokens-per-delta", str(tokens_per_delta)]
+        if step_s is not None:
+            command += ["--step-s", str(step_s)]
         if profile_path:
             command += ["--profile", profile_path]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -199,6 +269,14 @@ class Counts:
     num_chunks: int = 0
     num_requests: int = 0
     num_errors: int = 0
+
+
+async def _engine_tokens(client: httpx.AsyncClient) -> int:
+    """The engine's own count of generated tokens, from /metrics."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("sirocco_generation_tokens_total "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no sirocco_generation_tokens_total on /metrics")
 
 
 def _count_tokens(endpoint: str, data: bytes) -> int:
@@ -251,6 +329,7 @@ async def measure(
         tasks = [asyncio.ensure_future(_client(client, endpoint, max_tokens, counts)) for _ in range(concurrency)]
         try:
             await asyncio.sleep(warm_up_s)
+            start_engine_tokens = await _engine_tokens(client)
             start_tokens, start_chunks, start_cpu_s, start_client_s = (
                 counts.num_tokens,
                 counts.num_chunks,
@@ -262,6 +341,7 @@ async def measure(
             wall_s = time.perf_counter() - start_s
             num_tokens, num_chunks = counts.num_tokens - start_tokens, counts.num_chunks - start_chunks
             server_cpu_s, client_cpu_s = _cpu_s(pid) - start_cpu_s, time.process_time() - start_client_s
+            num_engine_tokens = await _engine_tokens(client) - start_engine_tokens
         finally:
             for task in tasks:
                 task.cancel()
@@ -271,17 +351,22 @@ async def measure(
         raise RuntimeError(f"{len(failures)} clients failed, first: {failures[0]!r}")
     if counts.num_errors:
         raise RuntimeError(f"{counts.num_errors} requests failed")
-    cpu_us_per_token = server_cpu_s / max(num_tokens, 1) * 1e6
+    # Per token the server produced (the engine's count): the server runs ahead of a slow client by what the socket
+    # buffers hold (a whole 256-token response each), so the client's count over a short window is not the server's work.
+    cpu_us_per_token = server_cpu_s / max(num_engine_tokens, 1) * 1e6
+    tokens_per_chunk = num_tokens / max(num_chunks, 1)
     return {
-        "tokens_per_s": round(num_tokens / wall_s, 1),
+        "tokens_per_s": round(num_tokens / wall_s, 1),  # received by the clients
+        "engine_tokens_per_s": round(num_engine_tokens / wall_s, 1),  # generated (and, zero-cost engine, written)
         "chunks_per_s": round(num_chunks / wall_s, 1),
+        "tokens_per_chunk": round(tokens_per_chunk, 2),
         "server_cpu_us_per_token": round(cpu_us_per_token, 2),
-        "server_cpu_us_per_chunk": round(server_cpu_s / max(num_chunks, 1) * 1e6, 2),
-        "ceiling_tokens_per_s": round(1e6 / cpu_us_per_token, 0) if num_tokens else 0,
+        "server_cpu_us_per_chunk": round(cpu_us_per_token * tokens_per_chunk, 2),
+        "ceiling_tokens_per_s": round(1e6 / cpu_us_per_token, 0) if num_engine_tokens else 0,
         "server_cpu_share": round(server_cpu_s / wall_s, 2),  # cores the server used
         "client_cpu_share": round(client_cpu_s / wall_s, 2),
         "num_tokens": num_tokens,
-        "num_requests_done": counts.num_requests,
+        "num_engine_tokens": num_engine_tokens,
         "window_s": round(wall_s, 2),
     }
 
@@ -302,9 +387,13 @@ def main() -> None:
     serve_parser.add_argument("--port", type=int, required=True)
     serve_parser.add_argument("--tokens-per-delta", type=int, default=1)
     serve_parser.add_argument("--profile", default=None, help="write cProfile stats here on exit")
+    serve_parser.add_argument("--step-s", type=float, default=None, help="AsyncEngine over PacedCore stepping this often")
     parser.add_argument("--endpoints", default="chat,completions")
     parser.add_argument("--concurrency", default="16,64,256", help="comma-separated client counts (one token per delta)")
     parser.add_argument("--tokens-per-delta", default="4,16", help="extra runs at the highest concurrency, chat only")
+    parser.add_argument(
+        "--paced-tokens-per-s", default="12000,24000", help="extra runs at the highest concurrency: real AsyncEngine, paced"
+    )
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--warm-up-s", type=float, default=2.0)
     parser.add_argument("--window-s", type=float, default=6.0)
@@ -313,15 +402,20 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="write the (first) server's cProfile stats here; skews its figures")
     args = parser.parse_args()
     if args.command == "serve":
-        serve(args.port, args.tokens_per_delta, args.profile)
+        serve(args.port, args.tokens_per_delta, args.step_s, args.profile)
         return
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    runs = {1: [(endpoint, c) for endpoint in args.endpoints.split(",") for c in concurrencies]}  # one server per k
-    for k in args.tokens_per_delta.split(","):
-        if k:
-            runs.setdefault(int(k), []).append(("chat", max(concurrencies)))
-    for tokens_per_delta, levels in runs.items():
-        with Server(tokens_per_delta, args.profile) as server:
+    top = max(concurrencies)
+    # one server per engine set-up: (tokens per delta, paced target tokens/s or None) -> levels (endpoint, concurrency)
+    runs: dict[tuple[int, float | None], list[tuple[str, int]]] = {}
+    runs[(1, None)] = [(endpoint, c) for endpoint in args.endpoints.split(",") for c in concurrencies]
+    for k in filter(None, args.tokens_per_delta.split(",")):
+        runs[(int(k), None)] = [("chat", top)]
+    for rate in filter(None, args.paced_tokens_per_s.split(",")):
+        runs[(1, float(rate))] = [("chat", top)]
+    for (tokens_per_delta, target), levels in runs.items():
+        step_s = None if target is None else top / target  # every running request gets one token per step
+        with Server(tokens_per_delta, step_s, args.profile) as server:
             for endpoint, concurrency in levels:
                 result = asyncio.run(
                     measure(server.url, server.process.pid, endpoint, concurrency, args.max_tokens, args.warm_up_s, args.window_s)
@@ -329,6 +423,8 @@ def main() -> None:
                 record = {
                     "bench": "http_ceiling",
                     "label": args.label,
+                    "engine": "zero_cost" if target is None else "paced_async_engine",
+                    "engine_target_tokens_per_s": target,
                     "endpoint": endpoint,
                     "concurrency": concurrency,
                     "tokens_per_delta": tokens_per_delta,
