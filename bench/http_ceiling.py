@@ -114,8 +114,11 @@ class PacedCore:
     tokens/s (sirocco_generation_tokens on /metrics) falls below the target. That is the cost of sharing one process.
     """
 
-    def __init__(self, config: EngineConfig, step_s: float) -> None:
+    def __init__(self, config: EngineConfig, step_s: float, report_path: str | None = None) -> None:
         self.step_s = step_s
+        self.report_path = report_path  # (num_steps, late_s) so far, rewritten every 20 steps
+        self.num_steps = 0
+        self.late_s = 0.0
         self.max_model_len = 1 << 20
         self.tokenizer = self
         self._running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens sent]
@@ -133,15 +136,24 @@ class PacedCore:
         return bool(self._running)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not self._running:  # out of idle: the first step is due now
+            self._next_step_s = time.perf_counter() - self.step_s
         self._running[request_id] = [params.max_tokens or 16, 0]
 
     def abort(self, request_id: str) -> None:
         self._running.pop(request_id, None)
 
     def step(self) -> StepResult:
-        now_s = time.perf_counter()
-        self._next_step_s = max(self._next_step_s + self.step_s, now_s)  # a late step is not made up for
-        time.sleep(self._next_step_s - now_s)
+        due_s = self._next_step_s + self.step_s
+        if time.perf_counter() < due_s:
+            time.sleep(due_s - time.perf_counter())
+        start_s = time.perf_counter()
+        self._next_step_s = start_s  # a late step shifts the schedule: lost time is not made up
+        self.num_steps += 1
+        self.late_s += start_s - due_s  # waiting for the GIL (or, on a loaded machine, for a core)
+        if self.report_path and self.num_steps % 20 == 0:
+            with open(self.report_path, "w", encoding="ascii") as f:
+                json.dump({"num_steps": self.num_steps, "late_s": self.late_s}, f)
         outputs = []
         for request_id, counts in list(self._running.items()):
             counts[1] += 1
@@ -160,9 +172,10 @@ class PacedCore:
         )
 
 
-def _paced_engine(step_s: float) -> AsyncEngine:
+def _paced_engine(step_s: float, report_path: str) -> AsyncEngine:
     """The real AsyncEngine (thread, queues, delta joining) over PacedCore instead of a model."""
-    async_engine.LLMEngine = functools.partial(PacedCore, step_s=step_s)  # type: ignore[misc]  # this process only
+    core = functools.partial(PacedCore, step_s=step_s, report_path=report_path)
+    async_engine.LLMEngine = core  # type: ignore[misc]  # in this server process only
     engine = AsyncEngine(EngineConfig())
     engine.start()
     return engine
@@ -180,7 +193,7 @@ def serve(port: int, tokens_per_delta: int, step_s: float | None, profile_path: 
 
     settings = Settings(served_model_name=_MODEL, port=port, log_level="warning")
     configure_logging(settings.log_level, settings.log_json)
-    engine = ZeroCostEngine(tokens_per_delta) if step_s is None else _paced_engine(step_s)
+    engine = ZeroCostEngine(tokens_per_delta) if step_s is None else _paced_engine(step_s, f"/tmp/sirocco-paced-{port}.json")
     app = create_app(settings, engine=engine)  # type: ignore[arg-type]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
@@ -319,8 +332,36 @@ async def _client(client: httpx.AsyncClient, endpoint: str, max_tokens: int, cou
         await _stream_one(client, endpoint, max_tokens, counts)
 
 
+def _read_steps(report_path: str | None) -> tuple[int, float]:
+    """(steps, seconds late) so far, from a PacedCore's report; zeros without one."""
+    if report_path is None:
+        return 0, 0.0
+    with open(report_path, encoding="ascii") as f:
+        report = json.load(f)
+    return report["num_steps"], report["late_s"]
+
+
+def control_lateness(step_s: float, num_requests: int, window_s: float) -> float:
+    """Mean lateness (ms) of PacedCore's steps alone on a thread of this process: the machine's own scheduling noise."""
+    core = PacedCore(EngineConfig(), step_s)
+    params = SamplingParams(max_tokens=1 << 30)
+    for index in range(num_requests):
+        core.add_request(str(index), [1], params)
+    deadline_s = time.perf_counter() + window_s
+    while time.perf_counter() < deadline_s:
+        core.step()
+    return core.late_s / max(core.num_steps, 1) * 1e3
+
+
 async def measure(
-    url: str, pid: int, endpoint: str, concurrency: int, max_tokens: int, warm_up_s: float, window_s: float
+    url: str,
+    pid: int,
+    endpoint: str,
+    concurrency: int,
+    max_tokens: int,
+    warm_up_s: float,
+    window_s: float,
+    report_path: str | None = None,
 ) -> dict:
     """Stream with `concurrency` clients; count tokens and the server's CPU over `window_s` after `warm_up_s`."""
     counts = Counts()
@@ -330,6 +371,7 @@ async def measure(
         try:
             await asyncio.sleep(warm_up_s)
             start_engine_tokens = await _engine_tokens(client)
+            start_steps, start_late_s = _read_steps(report_path)
             start_tokens, start_chunks, start_cpu_s, start_client_s = (
                 counts.num_tokens,
                 counts.num_chunks,
@@ -342,6 +384,7 @@ async def measure(
             num_tokens, num_chunks = counts.num_tokens - start_tokens, counts.num_chunks - start_chunks
             server_cpu_s, client_cpu_s = _cpu_s(pid) - start_cpu_s, time.process_time() - start_client_s
             num_engine_tokens = await _engine_tokens(client) - start_engine_tokens
+            end_steps, end_late_s = _read_steps(report_path)
         finally:
             for task in tasks:
                 task.cancel()
@@ -368,6 +411,14 @@ async def measure(
         "num_tokens": num_tokens,
         "num_engine_tokens": num_engine_tokens,
         "window_s": round(wall_s, 2),
+        **(
+            {
+                "engine_steps_per_s": round((end_steps - start_steps) / wall_s, 1),
+                "engine_step_late_ms_mean": round((end_late_s - start_late_s) / max(end_steps - start_steps, 1) * 1e3, 2),
+            }
+            if report_path
+            else {}
+        ),
     }
 
 
@@ -408,17 +459,32 @@ def main() -> None:
     top = max(concurrencies)
     # one server per engine set-up: (tokens per delta, paced target tokens/s or None) -> levels (endpoint, concurrency)
     runs: dict[tuple[int, float | None], list[tuple[str, int]]] = {}
-    runs[(1, None)] = [(endpoint, c) for endpoint in args.endpoints.split(",") for c in concurrencies]
+    runs[(1, None)] = [(endpoint, c) for endpoint in filter(None, args.endpoints.split(",")) for c in concurrencies]
     for k in filter(None, args.tokens_per_delta.split(",")):
         runs[(int(k), None)] = [("chat", top)]
     for rate in filter(None, args.paced_tokens_per_s.split(",")):
         runs[(1, float(rate))] = [("chat", top)]
     for (tokens_per_delta, target), levels in runs.items():
+        if not levels:
+            continue
         step_s = None if target is None else top / target  # every running request gets one token per step
+        control = {}
+        if step_s is not None:  # the same stepping with no HTTP side beside it, just before
+            control = {"control_step_late_ms_mean": round(control_lateness(step_s, top, args.window_s), 2)}
         with Server(tokens_per_delta, step_s, args.profile) as server:
+            report_path = None if step_s is None else f"/tmp/sirocco-paced-{server.port}.json"
             for endpoint, concurrency in levels:
                 result = asyncio.run(
-                    measure(server.url, server.process.pid, endpoint, concurrency, args.max_tokens, args.warm_up_s, args.window_s)
+                    measure(
+                        server.url,
+                        server.process.pid,
+                        endpoint,
+                        concurrency,
+                        args.max_tokens,
+                        args.warm_up_s,
+                        args.window_s,
+                        report_path,
+                    )
                 )
                 record = {
                     "bench": "http_ceiling",
@@ -430,9 +496,12 @@ def main() -> None:
                     "tokens_per_delta": tokens_per_delta,
                     "max_tokens": args.max_tokens,
                     **result,
+                    **control,
                     **_machine(),
                 }
                 emit(record, args.out)
+        if report_path is not None:
+            os.remove(report_path)
 
 
 if __name__ == "__main__":
