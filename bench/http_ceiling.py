@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -193,7 +194,7 @@ def serve(port: int, tokens_per_delta: int, step_s: float | None, profile_path: 
 
     settings = Settings(served_model_name=_MODEL, port=port, log_level="warning")
     configure_logging(settings.log_level, settings.log_json)
-    engine = ZeroCostEngine(tokens_per_delta) if step_s is None else _paced_engine(step_s, f"/tmp/sirocco-paced-{port}.json")
+    engine = ZeroCostEngine(tokens_per_delta) if step_s is None else _paced_engine(step_s, _report_path(port))
     app = create_app(settings, engine=engine)  # type: ignore[arg-type]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
@@ -211,6 +212,11 @@ def serve(port: int, tokens_per_delta: int, step_s: float | None, profile_path: 
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile_path)
+
+
+def _report_path(port: int) -> str:
+    """Where the paced server on `port` writes its step report."""
+    return os.path.join(tempfile.gettempdir(), f"sirocco-paced-{port}.json")
 
 
 def _free_port() -> int:
@@ -472,7 +478,7 @@ def main() -> None:
         if step_s is not None:  # the same stepping with no HTTP side beside it, just before
             control = {"control_step_late_ms_mean": round(control_lateness(step_s, top, args.window_s), 2)}
         with Server(tokens_per_delta, step_s, args.profile) as server:
-            report_path = None if step_s is None else f"/tmp/sirocco-paced-{server.port}.json"
+            report_path = None if step_s is None else _report_path(server.port)
             for endpoint, concurrency in levels:
                 result = asyncio.run(
                     measure(
