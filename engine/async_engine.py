@@ -1,7 +1,8 @@
 """AsyncEngine: runs the LLMEngine loop on a background thread and streams deltas to asyncio callers.
 
 Requests and aborts reach the loop through an inbox; outputs reach each request's asyncio queue through
-loop.call_soon_threadsafe. If the loop dies, every pending request fails with EngineDeadError.
+loop.call_soon_threadsafe (one call per step); deltas that queued up while a reader was busy are joined into one.
+If the loop dies, every pending request fails with EngineDeadError.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import replace
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.llm_engine import LLMEngine, Prompt
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, merge_delta
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,13 @@ class AsyncEngine:
             self._inbox.append((request_id, prompt_ids, params))
         self._wakeup.set()
         finished = False
+        error: Exception | None = None  # queued behind deltas that were joined: raised on the next read
         try:
             while not finished:
-                item = await queue.get()
+                item = error or await queue.get()
                 if isinstance(item, Exception):
                     raise item
+                error = _join_queued(item, queue)
                 finished = item.finished
                 yield item
         finally:
@@ -160,10 +163,10 @@ class AsyncEngine:
                     result = self.engine.step()
                     # Stats first: whoever receives a final output must not then read stats that still show it running.
                     self._stats = self.engine.stats()
-                    for output in result.outputs:
-                        self._deliver(output.request_id, output)
+                    items: list[tuple[str, _Item]] = [(output.request_id, output) for output in result.outputs]
                     for request_id, exc in result.failed:
-                        self._deliver(request_id, RequestFailedError(f"request failed in the engine: {exc}"))
+                        items.append((request_id, RequestFailedError(f"request failed in the engine: {exc}")))
+                    self._deliver_all(items)
                 else:
                     self._stats = self.engine.stats()
         except BaseException as exc:  # the loop itself died: nobody pending may hang
@@ -189,16 +192,40 @@ class AsyncEngine:
         self._stats = self.engine.stats()
 
     def _deliver(self, request_id: str, item: _Item) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, _Item]]) -> None:
+        """One call_soon_threadsafe per event loop, not per request: each call wakes the loop through its self-pipe."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         with self._lock:
-            target = self._queues.get(request_id)
-        if target is None:
-            return  # the caller is gone; its abort is in the inbox
-        loop, queue = target
-        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            for request_id, item in items:
+                target = self._queues.get(request_id)
+                if target is not None:  # else the caller is gone; its abort is in the inbox
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, puts in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+                loop.call_soon_threadsafe(_put_all, puts)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             request_ids = list(self._queues)
-        for request_id in request_ids:
-            self._deliver(request_id, exc)
+        self._deliver_all([(request_id, exc) for request_id in request_ids])
+
+
+def _put_all(puts: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
+    for queue, item in puts:
+        queue.put_nowait(item)
+
+
+def _join_queued(output: RequestOutput, queue: asyncio.Queue[_Item]) -> Exception | None:
+    """Join the deltas queued behind `output` into it, so a reader that fell behind catches up in one delta.
+
+    Under load this keeps the HTTP side's cost per token down: one SSE chunk carries every token the engine made while
+    that stream waited. Returns an error found in the queue (the deltas before it are joined; it is for the next read).
+    """
+    while not output.finished and not queue.empty():
+        later = queue.get_nowait()
+        if isinstance(later, Exception):
+            return later
+        merge_delta(output, later)
+    return None

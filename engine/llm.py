@@ -9,7 +9,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.errors import RequestFailedError
 from engine.llm_engine import LLMEngine, Prompt
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import RequestOutput, merge_delta
 from engine.sampling_params import SamplingParams
 
 
@@ -65,16 +65,4 @@ class LLM:
 
 def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
     total = results.setdefault(delta.request_id, RequestOutput(delta.request_id, delta.prompt_token_ids, []))
-    for part in delta.outputs:
-        while len(total.outputs) <= part.index:
-            total.outputs.append(CompletionOutput(len(total.outputs)))
-        choice = total.outputs[part.index]
-        choice.text += part.text
-        choice.token_ids.extend(part.token_ids)
-        if part.logprobs is not None:
-            choice.logprobs = (choice.logprobs or []) + part.logprobs
-        choice.finish_reason = part.finish_reason or choice.finish_reason
-        choice.stop_reason = part.stop_reason if part.finish_reason else choice.stop_reason
-    total.prompt_logprobs = delta.prompt_logprobs or total.prompt_logprobs
-    if delta.finished:
-        total.finished, total.usage, total.queue_s = True, delta.usage, delta.queue_s
+    merge_delta(total, delta)

@@ -76,3 +76,26 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
+
+
+def merge_delta(total: RequestOutput, delta: RequestOutput) -> None:
+    """Fold a later delta of the same request into `total`, in place; choices stay in index order.
+
+    Used to accumulate a whole result (offline LLM) and to join deltas that queued up while a stream's reader was busy.
+    """
+    for part in delta.outputs:
+        position = 0
+        while position < len(total.outputs) and total.outputs[position].index < part.index:
+            position += 1
+        if position == len(total.outputs) or total.outputs[position].index != part.index:
+            total.outputs.insert(position, CompletionOutput(part.index))
+        choice = total.outputs[position]
+        choice.text += part.text
+        choice.token_ids.extend(part.token_ids)
+        if part.logprobs is not None:
+            choice.logprobs = (choice.logprobs or []) + part.logprobs
+        if part.finish_reason:
+            choice.finish_reason, choice.stop_reason = part.finish_reason, part.stop_reason
+    total.prompt_logprobs = total.prompt_logprobs or delta.prompt_logprobs  # only ever on a request's first delta
+    if delta.finished:
+        total.finished, total.usage, total.queue_s = True, delta.usage, delta.queue_s

