@@ -7,12 +7,15 @@ from engine.llm import LLM
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from engine.structured import StructuredOutputs
+from engine.tokenizer import ChatPrompt, ChatTemplateInfo
 
 __all__ = [
     "LLM",
     "MAX_LOGPROBS",
     "MAX_N",
     "AsyncEngine",
+    "ChatPrompt",
+    "ChatTemplateInfo",
     "CompletionOutput",
     "EngineConfig",
     "EngineDeadError",

@@ -49,6 +49,7 @@ class AsyncEngine:
         if self._load_error is not None:
             raise self._load_error
         self.max_model_len = self.engine.max_model_len
+        self.chat_template_info = self.engine.tokenizer.chat_template_info
         self._stats = self.engine.stats()
 
     # --- lifecycle -----------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from engine.tokenizer import ChatPrompt, IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, str]]
+Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
 
 
 @dataclass(slots=True)
@@ -109,6 +109,8 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, ChatPrompt):
+            return self.tokenizer.apply_chat_template(prompt.messages, prompt.tools)
         if prompt and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
