@@ -79,17 +79,39 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None  # left out when the choice made no calls, as OpenAI does
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return dict(data)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -102,20 +124,39 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _DropsUnset(BaseModel):
+    """Serialized without its None fields (stream deltas carry only what changed)."""
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class FunctionCallDelta(_DropsUnset):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_DropsUnset):
+    """The first delta of a call has its id, type and name (arguments ""); the next ones add argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class DeltaMessage(_DropsUnset):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -157,6 +198,12 @@ def public_finish_reason(reason: str | None) -> Literal["stop", "length"] | None
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
+
+
+def chat_finish_reason(reason: str | None, has_tool_calls: bool) -> FinishReason | None:
+    """As public_finish_reason, but "tool_calls" for a choice that ended with calls (not cut by length)."""
+    public = public_finish_reason(reason)
+    return "tool_calls" if public == "stop" and has_tool_calls else public
 
 
 def _logprob(value: float) -> float:

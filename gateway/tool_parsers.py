@@ -1,4 +1,4 @@
-"""Tool calls in model output, per model format: Mistral (`[TOOL_CALLS]` then a JSON list) and Hermes (`<tool_call>{json}</tool_call>`).
+"""Tool calls in model output, per format: Mistral (`[TOOL_CALLS]` then a JSON list), Hermes (`<tool_call>{json}</tool_call>`).
 
 One incremental parser serves streaming and whole outputs (parse_tool_calls feeds it everything at once), so a stream's
 deltas always join to exactly the non-streamed result. A call is emitted once its JSON is complete and valid; a broken
