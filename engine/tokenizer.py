@@ -92,7 +92,7 @@ class Tokenizer:
         messages = [{"role": "user", "content": "hi"}]
         try:
             text = self._tokenizer.apply_chat_template(messages, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - any template failure means it cannot be trusted with tools
+        except Exception:  # any template failure: do not trust it with tools
             return False
         return "sirocco_probe_tool" in str(text)
 
