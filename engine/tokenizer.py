@@ -39,6 +39,11 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(self._tokenizer.all_special_ids) | {i for i, t in added if t.special}
         self.byte_fallback_ids: frozenset[int] = find_byte_fallback_ids(self._tokenizer)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer itself (for xgrammar's tokenizer info)."""
+        return self._tokenizer
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with the model's own special tokens (BOS where the tokenizer adds one)."""
         return list(self._tokenizer.encode(text, add_special_tokens=True))
