@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import xgrammar as xgr
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -26,6 +27,7 @@ from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured import StructuredOutputManager
 from engine.tokenizer import ChatPrompt, IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     generator: torch.Generator
+    matcher: xgr.GrammarMatcher | None = None  # structured outputs: the grammar state, advanced with every output token
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -72,6 +75,9 @@ class LLMEngine:
         self.device, self.dtype = resolve_device_dtype(config)
         model = load_model(model_dir, self.model_config, self.device, self.dtype)
         self.tokenizer = Tokenizer(model_dir)
+        self.structured = StructuredOutputManager(
+            self.tokenizer.hf_tokenizer, self.model_config.vocab_size, sorted(self.tokenizer.eos_token_ids)
+        )
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, _free_cuda_bytes(config, self.device))
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
@@ -116,9 +122,11 @@ class LLMEngine:
         return list(prompt)  # type: ignore[arg-type]
 
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        """Tokenize and check a prompt; raises InvalidRequestError. Touches no engine state (any thread may call it)."""
+        """Tokenize and check a prompt, compile its grammar; raises InvalidRequestError. Any thread may call it."""
         prompt_ids = self.tokenize(prompt)
         self._check_prompt(prompt_ids, params)
+        if params.structured_outputs is not None:  # compiled (and cached) here, off the loop thread under AsyncEngine
+            self.structured.compile(params.structured_outputs)
         return prompt_ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_s: float | None = None) -> None:
@@ -135,7 +143,10 @@ class LLMEngine:
             seed = hash((params.seed, index)) if params.seed is not None else self.rng.getrandbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed & (2**63 - 1))
             detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
-            choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator))
+            matcher = None
+            if params.structured_outputs is not None:
+                matcher = self.structured.matcher(params.structured_outputs, stop_ids)
+            choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator, matcher))
         self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens)
         for choice in choices:
             self.scheduler.add(choice.seq)
@@ -178,7 +189,8 @@ class LLMEngine:
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
         try:
-            sampled = self.runner.execute(batch, rows)
+            token_mask = self.structured.fill_bitmask([self._choice(row.seq).matcher for row in rows])
+            sampled = self.runner.execute(batch, rows, token_mask)
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
             logger.exception("step failed")
             return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
@@ -204,6 +216,9 @@ class LLMEngine:
         choice = request.choices[seq.index]
         return SampleRow(request.params, choice.generator, seq, request.stop_ids)
 
+    def _choice(self, seq: Sequence) -> _Choice:
+        return self.requests[seq.request_id].choices[seq.index]
+
     def _append_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> None:
         seq, params = choice.seq, request.params
         seq.token_ids.append(token_id)
@@ -214,7 +229,10 @@ class LLMEngine:
             delta.logprobs = delta.logprobs or []
             delta.logprobs.append(self._token_logprobs(token_id, logprobs))
         text = ""
-        if token_id in request.stop_ids:
+        # The grammar saw every earlier output token; preemption recomputes KV but keeps them, so no rollback is needed.
+        if choice.matcher is not None and not choice.matcher.accept_token(token_id):
+            raise RuntimeError(f"token {token_id} does not fit the request's structured_outputs grammar (min_tokens?)")
+        if token_id in request.stop_ids or (choice.matcher is not None and choice.matcher.is_terminated()):
             choice.finish_reason = "stop"
             choice.stop_reason = None if token_id in self.tokenizer.eos_token_ids and not params.stop_token_ids else token_id
         else:

@@ -14,6 +14,7 @@ from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SampleRow
 from engine.scheduler import ScheduledBatch
+from engine.structured import TokenBitmask
 
 
 class ModelRunner:
@@ -40,8 +41,9 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput:
-        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true."""
+    def execute(self, batch: ScheduledBatch, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
+        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
+        `token_mask` (structured outputs) forbids tokens in some of those rows."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -69,7 +71,7 @@ class ModelRunner:
         if not sample_idx:
             return SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
-        return self.sampler(logits, rows)
+        return self.sampler(logits, rows, token_mask)
 
     def _run_eager(
         self,

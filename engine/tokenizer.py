@@ -64,6 +64,11 @@ class Tokenizer:
             renders_tools=self._renders_tools(), has_tool_calls_token=MISTRAL_TOOL_CALLS_TOKEN in self._tokenizer.get_vocab()
         )
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer itself (for xgrammar's tokenizer info)."""
+        return self._tokenizer
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with the model's own special tokens (BOS where the tokenizer adds one)."""
         return list(self._tokenizer.encode(text, add_special_tokens=True))
