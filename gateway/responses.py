@@ -6,13 +6,17 @@ Split from protocol.py (requests) to keep each under one screenful of models; bo
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field
 
 from engine import Logprob, TokenLogprobs, Usage
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def _is_none(value: object) -> bool:
+    return value is None
 
 
 class PromptTokensDetails(BaseModel):
@@ -97,14 +101,7 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
-    tool_calls: list[ToolCallOut] | None = None  # left out when the choice made no calls, as OpenAI does
-
-    @model_serializer(mode="wrap")
-    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return dict(data)
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_is_none)  # left out without calls, as OpenAI does
 
 
 class ChatChoice(BaseModel):
@@ -124,32 +121,27 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class _DropsUnset(BaseModel):
-    """Serialized without its None fields (stream deltas carry only what changed)."""
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
+# Stream deltas carry only what changed: their None fields are left out.
 
 
-class FunctionCallDelta(_DropsUnset):
-    name: str | None = None
-    arguments: str | None = None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str | None = Field(None, exclude_if=_is_none)
 
 
-class ToolCallDelta(_DropsUnset):
+class ToolCallDelta(BaseModel):
     """The first delta of a call has its id, type and name (arguments ""); the next ones add argument text."""
 
     index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
     function: FunctionCallDelta
 
 
-class DeltaMessage(_DropsUnset):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -184,3 +184,12 @@ def test_invalid_tool_requests_name_their_param(client: TestClient, body: dict, 
     response = post(client, **body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_openapi_shows_the_tool_and_format_fields_by_their_wire_names(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    chat_fields = set(schemas["ChatCompletionRequest"]["properties"])
+    assert {"tools", "tool_choice", "parallel_tool_calls", "response_format"} <= chat_fields
+    assert "schema" in schemas["JSONSchemaFormat"]["properties"]
+    assert "json" in schemas["StructuredOutputsRequest"]["properties"]
+    assert "tool_calls" in schemas["ChatMessageOut"]["properties"]
