@@ -148,7 +148,7 @@ async def submit(
     """
     settings = state.settings
     if settings.log_requests:  # opt-in only: bodies and prompts may hold private data
-        logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True))
+        logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True, by_alias=True))
     check_model(body.model, settings.model_name)
     body.check(settings)
     constraint = tool_constraint or request_constraint(body)
