@@ -147,7 +147,7 @@ def test_required_and_named_calls_validate(client: openai.OpenAI) -> None:
             tools=TOOLS,
             tool_choice=tool_choice,  # type: ignore[arg-type]
             parallel_tool_calls=False,  # else a small model goes on calling until max_tokens
-            max_tokens=48,
+            max_tokens=64,
             seed=3,
         )
         choice = response.choices[0]
@@ -162,14 +162,14 @@ def test_required_and_named_calls_validate(client: openai.OpenAI) -> None:
 
 def test_parallel_tool_calls_false_makes_one_call(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=48, seed=4
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=64, seed=4
     )
     assert len(response.choices[0].message.tool_calls or []) == 1
 
 
 @pytest.mark.timeout(600)
 def test_streamed_tool_calls_equal_non_streamed(client: openai.OpenAI) -> None:
-    kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "max_tokens": 48, "seed": 5}
+    kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "max_tokens": 64, "seed": 5}
     kwargs["parallel_tool_calls"] = False
     whole = client.chat.completions.create(**kwargs).choices[0]  # type: ignore[call-overload]
     calls: dict[int, list[str]] = {}
@@ -190,7 +190,7 @@ def test_streamed_tool_calls_equal_non_streamed(client: openai.OpenAI) -> None:
 def test_tool_round_trip(client: openai.OpenAI) -> None:
     messages: list = list(ASK)
     first = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=48
+        model=MODEL, messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=64
     )
     message = first.choices[0].message
     assert message.tool_calls
@@ -205,7 +205,7 @@ def test_tool_round_trip(client: openai.OpenAI) -> None:
 
 def test_auto_answers_with_text_or_valid_calls(client: openai.OpenAI) -> None:
     for seed in range(3):
-        response = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=48, seed=seed)
+        response = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=64, seed=seed)
         choice = response.choices[0]
         for call in choice.message.tool_calls or []:
             assert_valid_call(call)
