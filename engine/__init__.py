@@ -8,12 +8,15 @@ from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput
 from engine.preflight import check_config
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from engine.structured import StructuredOutputs
+from engine.tokenizer import ChatPrompt, ChatTemplateInfo
 
 __all__ = [
     "LLM",
     "MAX_LOGPROBS",
     "MAX_N",
     "AsyncEngine",
+    "ChatPrompt",
+    "ChatTemplateInfo",
     "CompletionOutput",
     "ConfigError",
     "EngineConfig",

@@ -51,6 +51,7 @@ class AsyncEngine:
             raise self._load_error
         self.max_model_len = self.engine.max_model_len
         self.fingerprint = self.engine.fingerprint  # changes when the model or an output-changing setting does
+        self.chat_template_info = self.engine.tokenizer.chat_template_info
         self._stats = self.engine.stats()
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -86,7 +87,9 @@ class AsyncEngine:
         tokenizer = self.engine.tokenizer
         if isinstance(prompt, str):
             return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt, add_special_tokens)
+        return tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=add_generation_prompt, add_special_tokens=add_special_tokens
+        )
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of token ids, special tokens kept (so it round-trips tokenize); raises InvalidRequestError."""

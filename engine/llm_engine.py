@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import xgrammar as xgr
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -31,12 +32,13 @@ from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured import StructuredOutputManager
 from engine.threads import set_torch_threads
-from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from engine.tokenizer import ChatPrompt, IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, str]]
+Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
 
 
 @dataclass(slots=True)
@@ -45,6 +47,7 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     generator: torch.Generator
+    matcher: xgr.GrammarMatcher | None = None  # structured outputs: the grammar state, advanced with every output token
     held_logprobs: HeldLogprobs = field(default_factory=HeldLogprobs)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -87,6 +90,9 @@ class LLMEngine:
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
+        self.structured = StructuredOutputManager(
+            self.tokenizer.hf_tokenizer, self.model_config.vocab_size, sorted(self.tokenizer.eos_token_ids)
+        )
         num_kv_heads = partition.num_kv_heads(self.model_config)
         free_bytes = _free_cuda_bytes(config, self.device)
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
@@ -139,14 +145,18 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, ChatPrompt):
+            return self.tokenizer.apply_chat_template(prompt.messages, prompt.tools)
         if prompt and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
 
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        """Tokenize and check a prompt; raises InvalidRequestError. Touches no engine state (any thread may call it)."""
+        """Tokenize and check a prompt, compile its grammar; raises InvalidRequestError. Any thread may call it."""
         prompt_ids = self.tokenize(prompt)
         self._check_prompt(prompt_ids, params)
+        if params.structured_outputs is not None:  # compiled (and cached) here, off the loop thread under AsyncEngine
+            self.structured.compile(params.structured_outputs)
         return prompt_ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_s: float | None = None) -> None:
@@ -166,7 +176,10 @@ class LLMEngine:
             seed = hash((params.seed, index)) if params.seed is not None else self.rng.getrandbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed & (2**63 - 1))
             detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
-            choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator))
+            matcher = None
+            if params.structured_outputs is not None:
+                matcher = self.structured.matcher(params.structured_outputs, stop_ids)
+            choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator, matcher))
         prompt_logprobs = PromptLogprobs(prompt_ids) if is_scoring else None
         self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
         for choice in choices:
@@ -211,7 +224,8 @@ class LLMEngine:
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
         ks = [self.requests[seq.request_id].params.prompt_logprobs if seq.is_scoring_prompt else None for seq in batch.seqs]
         try:
-            out = self.runner.execute(batch, rows, ks)
+            token_mask = self.structured.fill_bitmask([self._choice(row.seq).matcher for row in rows])
+            out = self.runner.execute(batch, rows, ks, token_mask)
         except RankFailedError:
             raise  # tensor-parallel ranks out of step: the engine cannot go on
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
@@ -251,6 +265,9 @@ class LLMEngine:
         choice = request.choices[seq.index]
         return SampleRow(request.params, choice.generator, seq, request.stop_ids)
 
+    def _choice(self, seq: Sequence) -> _Choice:
+        return self.requests[seq.request_id].choices[seq.index]
+
     def _append_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> None:
         seq, params = choice.seq, request.params
         seq.token_ids.append(token_id)
@@ -258,7 +275,11 @@ class LLMEngine:
         delta = request.deltas.setdefault(seq.index, CompletionOutput(seq.index))
         delta.token_ids.append(token_id)
         text = ""
-        is_stop_token = token_id in request.stop_ids
+        # The grammar saw every earlier output token; preemption recomputes KV but keeps them, so no rollback is needed.
+        if choice.matcher is not None and not choice.matcher.accept_token(token_id):
+            raise RuntimeError(f"token {token_id} does not fit the request's structured_outputs grammar (min_tokens?)")
+        # A stop token, or the one that completes the grammar, ends the choice and is not part of its text.
+        is_stop_token = token_id in request.stop_ids or (choice.matcher is not None and choice.matcher.is_terminated())
         if is_stop_token:
             choice.finish_reason = "stop"
             choice.stop_reason = None if token_id in self.tokenizer.eos_token_ids and not params.stop_token_ids else token_id

@@ -19,6 +19,7 @@ from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SampleRow
 from engine.scheduler import ScheduledBatch
+from engine.structured import TokenBitmask
 
 
 @dataclass(slots=True)
@@ -54,10 +55,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, batch: ScheduledBatch, rows: list[SampleRow], prompt_logprobs: list[int | None] | None = None
+        self,
+        batch: ScheduledBatch,
+        rows: list[SampleRow],
+        prompt_logprobs: list[int | None] | None = None,
+        token_mask: TokenBitmask | None = None,
     ) -> RunnerOutput:
         """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
-        `prompt_logprobs`, per batch index, the top-k of prompt logprobs to score in this step's chunk (None: none)."""
+        `prompt_logprobs`, per batch index, the top-k of prompt logprobs to score in this step's chunk (None: none);
+        `token_mask` (structured outputs) forbids tokens in some of those rows."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -88,7 +94,7 @@ class ModelRunner:
         if not sample_idx:
             return RunnerOutput(SamplerOutput([], []), scores)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
-        return RunnerOutput(self.sampler(logits, rows), scores)
+        return RunnerOutput(self.sampler(logits, rows, token_mask), scores)
 
     def _run_eager(
         self,

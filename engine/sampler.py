@@ -1,8 +1,8 @@
 """Sampler: turns one step's logits into tokens, each row with its own SamplingParams.
 
-Order: logit_bias, min_tokens, repetition / presence / frequency penalties, then greedy argmax or
-temperature -> top_k -> top_p -> min_p -> a draw from the row's own generator (so a seeded request gives the same
-tokens whatever else is in the batch). Logprobs are of the raw model distribution, as vLLM reports them.
+Order: the grammar mask (structured outputs), logit_bias, min_tokens, repetition / presence / frequency penalties, then
+greedy argmax or temperature -> top_k -> top_p -> min_p -> a draw from the row's own generator (so a seeded request gives
+the same tokens whatever else is in the batch). Logprobs are of the raw model distribution, as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from engine.structured import TokenBitmask
 
 
 @dataclass(slots=True)
@@ -33,9 +34,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
-        """logits: fp32 [num_rows, vocab], modified in place."""
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
+        """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py)."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        if token_mask is not None:  # before every other processor; logprobs above stay those of the raw model
+            token_mask.apply(logits)
         for i, row in enumerate(rows):
             _apply_processors(logits[i], row)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)

@@ -9,6 +9,7 @@ import json
 import pathlib
 import re
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
@@ -26,6 +27,27 @@ NUM_PROMPT_CONTEXT_IDS = 5
 MAX_HELD_BYTE_RUN = 16
 
 
+# A tool the chat template is shown once at load time, to learn whether it writes `tools` into the prompt.
+_PROBE_TOOL = {"type": "function", "function": {"name": "sirocco_probe_tool", "description": "", "parameters": {}}}
+MISTRAL_TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """Chat messages (Hugging Face / OpenAI dicts, tool calls included) and the tools offered, for the chat template."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplateInfo:
+    """What the model's chat template and vocabulary say about tool calling."""
+
+    renders_tools: bool  # the template writes the `tools` it is given into the prompt
+    has_tool_calls_token: bool  # the vocabulary has Mistral's [TOOL_CALLS] token
+
+
 class Tokenizer:
     """The model's tokenizer and chat template, loaded from a local model directory."""
 
@@ -38,6 +60,14 @@ class Tokenizer:
         added = self._tokenizer.added_tokens_decoder.items()
         self.special_token_ids: frozenset[int] = frozenset(self._tokenizer.all_special_ids) | {i for i, t in added if t.special}
         self.byte_fallback_ids: frozenset[int] = find_byte_fallback_ids(self._tokenizer)
+        self.chat_template_info = ChatTemplateInfo(
+            renders_tools=self._renders_tools(), has_tool_calls_token=MISTRAL_TOOL_CALLS_TOKEN in self._tokenizer.get_vocab()
+        )
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer itself (for xgrammar's tokenizer info)."""
+        return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, by default with the model's own special tokens (BOS where the tokenizer adds one)."""
@@ -51,19 +81,35 @@ class Tokenizer:
         return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
     ) -> list[int]:
-        """Render chat messages with the model's template (by default ending with the assistant generation prompt).
+        """Render chat messages (and tools) with the model's template (by default ending with the generation prompt).
 
         The rendered text already holds the template's special tokens (BOS included), so by default none are added.
         """
         if not getattr(self._tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = self._tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except (TemplateError, TypeError, KeyError, ValueError, AttributeError) as exc:
             raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from exc
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _renders_tools(self) -> bool:
+        if not getattr(self._tokenizer, "chat_template", None):
+            return False
+        messages = [{"role": "user", "content": "hi"}]
+        try:
+            text = self._tokenizer.apply_chat_template(messages, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False)
+        except Exception:  # any template failure: do not trust it with tools
+            return False
+        return "sirocco_probe_tool" in str(text)
 
     def detokenizer(self, prompt_token_ids: list[int] | None = None, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one sequence; the prompt's last ids give the first tokens their context."""

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: same shape as completions; the engine renders the messages with the model's chat template."""
+"""POST /v1/chat/completions: same shape as completions; the engine renders the messages with the model's chat template.
+
+With tools, each choice's text goes through the model format's tool-call parser (gateway/tool_parsers.py): calls
+become `tool_calls` (whole, or as stream deltas) and the finish reason `tool_calls`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine import TokenLogprobs
+from engine import ChatTemplateInfo, CompletionOutput, TokenLogprobs
 from gateway.body import parse_body
+from gateway.constraints import tool_constraint
 from gateway.protocol import ChatCompletionRequest
 from gateway.responses import (
     ChatChoice,
@@ -21,12 +26,20 @@ from gateway.responses import (
     ChatLogprobs,
     ChatMessageOut,
     DeltaMessage,
+    FunctionCallDelta,
+    FunctionCallOut,
+    ToolCallDelta,
+    ToolCallOut,
     UsageInfo,
+    chat_finish_reason,
     chat_logprobs,
-    public_finish_reason,
 )
 from gateway.state import GatewayState
-from gateway.streaming import EngineRequests, collect_unless_disconnected, sse_events, sse_response, submit
+from gateway.streaming import ChoiceTotal, EngineRequests, collect_unless_disconnected, sse_events, sse_response, submit
+from gateway.tool_parsers import MISTRAL, ParsedEvents, ToolCall, ToolCallParser, ToolFormat, parse_tool_calls
+from gateway.tool_prompt import build_chat_prompt
+
+_NO_TEMPLATE_INFO = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class _Reply:
     model: str
     has_logprobs: bool
     system_fingerprint: str
+    tool_format: ToolFormat | None  # None: the output is not parsed for tool calls
 
     def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -56,11 +70,15 @@ class _Reply:
 async def create_chat_completion(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_body_bytes)
-    messages = body.engine_messages()
+    info = state.engine.chat_template_info if state.engine is not None else _NO_TEMPLATE_INFO
+    chat_prompt = build_chat_prompt(body, state.settings.tool_call_parser, info)
+    tool_format = chat_prompt.tool_format if body.calls_tools else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = await submit(state, response_id, body, [messages])
+    constraint = tool_constraint(body, chat_prompt.tool_format)
+    keeps_special = tool_format is MISTRAL and info.has_tool_calls_token  # [TOOL_CALLS] is a special token there
+    requests = await submit(state, response_id, body, [chat_prompt.prompt], constraint, skip_special_tokens=not keeps_special)
     fingerprint = state.system_fingerprint(state.require_engine())
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs, fingerprint)
+    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs, fingerprint, tool_format)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.n, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))
@@ -68,15 +86,7 @@ async def create_chat_completion(request: Request) -> Response:
     if result is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     totals, usages = result
-    choices = [
-        ChatChoice(
-            index=index,
-            message=ChatMessageOut(content=total.text),
-            logprobs=reply.logprobs(total.logprobs),
-            finish_reason=public_finish_reason(total.finish_reason),
-        )
-        for index, total in enumerate(totals)
-    ]
+    choices = [_choice(reply, index, total) for index, total in enumerate(totals)]
     response = ChatCompletionResponse(
         id=reply.id,
         created=reply.created,
@@ -88,21 +98,71 @@ async def create_chat_completion(request: Request) -> Response:
     return Response(response.model_dump_json(), media_type="application/json")
 
 
+def _choice(reply: _Reply, index: int, total: ChoiceTotal) -> ChatChoice:
+    content: str | None = total.text
+    tool_calls = None
+    if reply.tool_format is not None:
+        parsed = parse_tool_calls(total.text, reply.tool_format)
+        content = parsed.content
+        tool_calls = [_tool_call_out(call) for call in parsed.calls] or None
+    return ChatChoice(
+        index=index,
+        message=ChatMessageOut(content=content, tool_calls=tool_calls),
+        logprobs=reply.logprobs(total.logprobs),
+        finish_reason=chat_finish_reason(total.finish_reason, tool_calls is not None),
+    )
+
+
+def _tool_call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
+def _parse_delta(parser: ToolCallParser | None, delta: CompletionOutput) -> ParsedEvents:
+    """The delta's content and completed calls (all text is content without a parser)."""
+    if parser is None:
+        return ParsedEvents(delta.text)
+    events = parser.feed(delta.text)
+    if delta.finish_reason is None:
+        return events
+    last = parser.finish()
+    return ParsedEvents(events.content + last.content, events.calls + last.calls)
+
+
+def _call_deltas(first_index: int, calls: tuple[ToolCall, ...]) -> list[DeltaMessage]:
+    """Each call as two deltas: id, type and name (arguments ""), then its arguments."""
+    deltas = []
+    for index, call in enumerate(calls, start=first_index):
+        start = ToolCallDelta(index=index, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments=""))
+        deltas.append(DeltaMessage(tool_calls=[start]))
+        deltas.append(DeltaMessage(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.arguments))]))
+    return deltas
+
+
 async def _stream_chunks(
     requests: EngineRequests, reply: _Reply, n: int, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     for index in range(n):  # the first delta of each choice carries the role
         yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
     usages = []
+    parsers = {i: ToolCallParser(reply.tool_format) for i in range(n)} if reply.tool_format is not None else {}
+    num_calls = [0] * n
     async for _, output in requests.outputs():
         for delta in output.outputs:
+            events = _parse_delta(parsers.get(delta.index), delta)
+            messages = _call_deltas(num_calls[delta.index], events.calls)
+            num_calls[delta.index] += len(events.calls)
             logprobs = reply.logprobs(delta.logprobs)
-            if delta.text or delta.finish_reason or (logprobs is not None and logprobs.content):
+            has_logprobs = logprobs is not None and bool(logprobs.content)
+            if events.content or has_logprobs or (delta.finish_reason and not messages):
+                messages.insert(0, DeltaMessage(content=events.content))
+            finish_reason = chat_finish_reason(delta.finish_reason, num_calls[delta.index] > 0)
+            for position, message in enumerate(messages):
+                is_last = position == len(messages) - 1
                 choice = ChatChunkChoice(
                     index=delta.index,
-                    delta=DeltaMessage(content=delta.text),
-                    logprobs=logprobs,
-                    finish_reason=public_finish_reason(delta.finish_reason),
+                    delta=message,
+                    logprobs=logprobs if position == 0 else None,
+                    finish_reason=finish_reason if is_last else None,
                 )
                 yield reply.chunk([choice])
         if output.usage is not None:

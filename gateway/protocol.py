@@ -6,11 +6,12 @@ Strict and closed (extra="forbid"): an unknown field is a 400, and OpenAI fields
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import InvalidRequestError, SamplingParams
+from engine import InvalidRequestError, SamplingParams, StructuredOutputs
 from gateway.errors import APIError, bad_request
 from gateway.settings import Settings
 
@@ -23,6 +24,17 @@ class StrictModel(BaseModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's `structured_outputs` extra (what openai users pass in `extra_body`): exactly one constraint."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (object or text)")
+    json_object: bool | None = Field(None, description="Any JSON object")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, description="One of these strings")
+    grammar: str | None = Field(None, description="An EBNF grammar (xgrammar / GBNF syntax)")
+    structural_tag: str | None = Field(None, description="An xgrammar structural tag (JSON text)")
 
 
 class GenerationRequest(StrictModel):
@@ -53,6 +65,7 @@ class GenerationRequest(StrictModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    structured_outputs: StructuredOutputsRequest | None = Field(None, description="vLLM's constrained-output extra")
 
     @property
     def include_usage(self) -> bool:
@@ -85,7 +98,9 @@ class GenerationRequest(StrictModel):
         if logprobs is not None and logprobs > settings.max_logprobs:
             raise bad_request(f"{self.logprobs_param} must be at most {settings.max_logprobs}", param=self.logprobs_param)
 
-    def sampling_params(self, max_tokens_limit: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens_limit: int | None, structured: StructuredOutputs | None = None, skip_special_tokens: bool = True
+    ) -> SamplingParams:
         """Build SamplingParams; its own checks become a 400 naming the param."""
         max_tokens = self.requested_max_tokens()
         if max_tokens is None:
@@ -108,6 +123,8 @@ class GenerationRequest(StrictModel):
                 stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos,
                 logprobs=self.requested_logprobs(),
+                structured_outputs=structured,
+                skip_special_tokens=skip_special_tokens,
             )
         except InvalidRequestError as exc:
             raise bad_request(str(exc), param=exc.param, code="invalid_value") from exc
@@ -153,9 +170,11 @@ class CompletionRequest(GenerationRequest):
         if self.max_tokens == 0 and not self.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt)", param="max_tokens")
 
-    def sampling_params(self, max_tokens_limit: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens_limit: int | None, structured: StructuredOutputs | None = None, skip_special_tokens: bool = True
+    ) -> SamplingParams:
         """With echo, logprobs also asks for the prompt's (how lm-evaluation-harness scores a text through a server)."""
-        params = super().sampling_params(max_tokens_limit)
+        params = super().sampling_params(max_tokens_limit, structured, skip_special_tokens)
         return dataclasses.replace(params, prompt_logprobs=self.logprobs) if self.echo else params
 
     def prompts(self) -> list[str] | list[list[int]]:
@@ -173,49 +192,103 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCallIn(StrictModel):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments object")
+
+
+class ToolCallIn(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(StrictModel):
     """One message; fields OpenAI's SDK may echo back from a response are accepted only when empty."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = Field(None, description=f"Must be null: {_UNSUPPORTED}")
+    name: str | None = Field(None, description="The author's name, passed to the chat template")
     refusal: str | None = Field(None, description="Must be null")
-    tool_calls: list[Any] | None = Field(None, description=f"Must be null or empty: {_UNSUPPORTED}")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Calls an assistant message made")
+    tool_call_id: str | None = Field(None, description="On a tool message: the call it answers")
     function_call: Any = Field(None, description=f"Must be null: {_UNSUPPORTED}")
     audio: Any = Field(None, description=f"Must be null: {_UNSUPPORTED}")
     annotations: list[Any] | None = Field(None, description="Accepted, not used (assistant messages echoed back)")
 
-    def as_engine_message(self, index: int) -> dict[str, str]:
-        for name in ("name", "refusal", "function_call", "audio"):
+    def as_engine_message(self, index: int) -> dict[str, Any]:
+        """The message as the chat template expects it (Hugging Face's shape; tool call arguments as objects)."""
+        for name in ("refusal", "function_call", "audio"):
             if getattr(self, name) is not None:
                 raise bad_request(f"messages[{index}].{name} is {_UNSUPPORTED}", param="messages", code="unsupported_parameter")
-        if self.tool_calls:
-            raise bad_request(f"messages[{index}].tool_calls is {_UNSUPPORTED}", param="messages", code="unsupported_parameter")
-        if self.content is None:
+        if self.tool_calls and self.role != "assistant":
+            raise bad_request(f"messages[{index}].tool_calls is only allowed on assistant messages", param="messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise bad_request(f"messages[{index}].tool_call_id is required on tool messages", param="messages")
+        if self.content is None and not self.tool_calls:
             raise bad_request(f"messages[{index}].content is required", param="messages")
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [_engine_tool_call(call, index) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _engine_tool_call(call: ToolCallIn, index: int) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError:
+        raise bad_request(f"messages[{index}].tool_calls: arguments must be JSON text", param="messages") from None
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+class JSONSchemaFormat(StrictModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the output must match")
+    strict: bool | None = Field(None, description="Strict or not, the output is constrained to the schema")
 
 
 class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Any = None
+    json_schema: JSONSchemaFormat | None = None
 
 
-_TEXT_FORMAT = ResponseFormat(type="text")
+class FunctionDefinition(StrictModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object")
+    strict: bool | None = Field(None, description="Strict or not, calls are constrained once they start")
+
+
+class ToolDefinition(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
     unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "tools": (None, []),
-        "tool_choice": (None, "none"),
         "functions": (None, []),
         "function_call": (None, "none"),
-        "parallel_tool_calls": (None,),
-        "response_format": (None, _TEXT_FORMAT),
         "audio": (None,),
         "modalities": (None, ["text"]),
         "prediction": (None,),
@@ -231,12 +304,12 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0)] | None = None
-    tools: list[Any] | None = Field(None, description=_UNSUPPORTED)
-    tool_choice: Any = Field(None, description=_UNSUPPORTED)
-    functions: list[Any] | None = Field(None, description=_UNSUPPORTED)
-    function_call: Any = Field(None, description=_UNSUPPORTED)
-    parallel_tool_calls: bool | None = Field(None, description=_UNSUPPORTED)
-    response_format: ResponseFormat | None = Field(None, description="Only type text is supported")
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = Field(None, description="Unset: auto when tools are given, else none")
+    functions: list[Any] | None = Field(None, description=f"Deprecated by OpenAI, {_UNSUPPORTED}: use tools")
+    function_call: Any = Field(None, description=f"Deprecated by OpenAI, {_UNSUPPORTED}: use tool_choice")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call; unset: true")
+    response_format: ResponseFormat | None = None
     audio: Any = Field(None, description=_UNSUPPORTED)
     modalities: list[str] | None = Field(None, description='Only ["text"]')
     prediction: Any = Field(None, description=_UNSUPPORTED)
@@ -255,8 +328,33 @@ class ChatCompletionRequest(GenerationRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         super().check(settings)
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {tool.function.name for tool in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise bad_request(
+                    f"tool_choice names an unknown function {self.tool_choice.function.name!r}", param="tool_choice"
+                )
+        is_formatted = self.response_format is not None and self.response_format.type != "text"
+        if is_formatted and self.structured_outputs is not None:
+            raise bad_request("give response_format or structured_outputs, not both", param="structured_outputs")
+        if self.calls_tools and (is_formatted or self.structured_outputs is not None):
+            param = "response_format" if is_formatted else "structured_outputs"
+            raise bad_request(f"{param} together with tools is {_UNSUPPORTED}; set tool_choice to none", param=param)
 
-    def engine_messages(self) -> list[dict[str, str]]:
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is offered tools (and its output is parsed for calls)."""
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def engine_messages(self) -> list[dict[str, Any]]:
         return [message.as_engine_message(index) for index, message in enumerate(self.messages)]
 
 

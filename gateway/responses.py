@@ -15,6 +15,10 @@ from engine import Logprob, TokenLogprobs, Usage
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
@@ -79,17 +83,32 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_is_none)  # left out without calls, as OpenAI does
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -102,21 +121,32 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-def _is_none(value: object) -> bool:
-    return value is None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str | None = Field(None, exclude_if=_is_none)
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call has its id, type and name (arguments ""); the next ones add argument text."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: FunctionCallDelta
 
 
 class DeltaMessage(BaseModel):
     # Unset fields are left out of the JSON (per field: a model-wide wrap serializer cost ~25% more per stream chunk)
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -158,6 +188,12 @@ def public_finish_reason(reason: str | None) -> Literal["stop", "length"] | None
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
+
+
+def chat_finish_reason(reason: str | None, has_tool_calls: bool) -> FinishReason | None:
+    """As public_finish_reason, but "tool_calls" for a choice that ended with calls (not cut by length)."""
+    public = public_finish_reason(reason)
+    return "tool_calls" if public == "stop" and has_tool_calls else public
 
 
 def _logprob(value: float) -> float:

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     )
     log_json: bool = Field(False, description="Write logs as JSON lines")
     log_requests: bool = Field(False, description="Log request bodies and prompts (off: never logged)")
+    tool_call_parser: Literal["auto", "mistral", "hermes"] = Field(
+        "auto", description="Tool-call format; auto: mistral if the tokenizer has [TOOL_CALLS], else hermes"
+    )
 
     # Limits on user input
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413")

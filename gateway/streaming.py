@@ -12,14 +12,25 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.types import Message, Send
 
-from engine import AsyncEngine, RequestFailedError, RequestOutput, SamplingParams, TokenLogprobs, Usage
-from gateway.errors import error_body, from_engine_error
+from engine import (
+    AsyncEngine,
+    ChatPrompt,
+    InvalidRequestError,
+    RequestFailedError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    Usage,
+)
+from gateway.constraints import Constraint, request_constraint
+from gateway.errors import bad_request, error_body, from_engine_error
 from gateway.metrics import Metrics, RequestTimer
 from gateway.protocol import GenerationRequest, check_model
 from gateway.state import GatewayState
@@ -30,7 +41,7 @@ logger = logging.getLogger(__name__)
 # without a `sep` keeps that default whatever the response's, so both are set from this one constant.
 SSE_SEPARATOR = "\n"
 
-Prompt = str | list[int] | list[dict[str, str]]
+Prompt = str | list[int] | list[dict[str, Any]] | ChatPrompt
 
 
 async def _first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -128,16 +139,33 @@ class EngineRequests:
             self.close("abort")
 
 
-async def submit(state: GatewayState, request_id: str, body: GenerationRequest, prompts: Sequence[Prompt]) -> EngineRequests:
-    """Check the body against the server, then start one engine request per prompt (engine errors raise here)."""
+async def submit(
+    state: GatewayState,
+    request_id: str,
+    body: GenerationRequest,
+    prompts: Sequence[Prompt],
+    tool_constraint: Constraint | None = None,
+    skip_special_tokens: bool = True,
+) -> EngineRequests:
+    """Check the body against the server, then start one engine request per prompt (engine errors raise here).
+
+    The output is constrained by `tool_constraint` or else by the body's response_format / structured_outputs.
+    """
     settings = state.settings
     if settings.log_requests:  # opt-in only: bodies and prompts may hold private data
-        logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True))
+        logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True, by_alias=True))
     check_model(body.model, settings.model_name)
     body.check(settings)
-    params = body.sampling_params(settings.max_tokens_limit)
+    constraint = tool_constraint or request_constraint(body)
+    structured = constraint.outputs if constraint is not None else None
+    params = body.sampling_params(settings.max_tokens_limit, structured, skip_special_tokens)
     requests = EngineRequests(state.require_engine(), state.metrics, request_id, prompts, params)
-    await requests.start()
+    try:
+        await requests.start()
+    except InvalidRequestError as exc:
+        if constraint is not None and exc.param == "structured_outputs":  # name the field the grammar came from
+            raise bad_request(str(exc), param=constraint.param, code="invalid_value") from exc
+        raise
     return requests
 
 

@@ -128,8 +128,8 @@ def test_errors_have_the_envelope_and_the_server_keeps_serving(client: openai.Op
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"no_such_field": 1})
     assert caught.value.body["param"] == "no_such_field"
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert caught.value.body["param"] == "tools"
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, functions=[{"name": "f"}])
+    assert caught.value.body["param"] == "functions"
     with pytest.raises(openai.BadRequestError):  # prompt + max_tokens beyond the 1024-token context
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2000)
     assert_still_serving(client)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from engine.errors import InvalidRequestError
-from engine.tokenizer import StopStringMatcher, Tokenizer
+from engine.tokenizer import ChatTemplateInfo, StopStringMatcher, Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -328,3 +328,21 @@ def test_detokenizer_random_pieces_and_byte_fallback_characters(sentencepiece_to
                 char = rng.choice("é日👍🏽\u200d한")
                 token_ids += [tok._tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in char.encode("utf-8")]
         assert_clean(stream(tok, token_ids), tok.decode(token_ids))
+
+
+def test_chat_template_info_and_tools_reach_the_template(embedded_model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    tokenizer = Tokenizer(embedded_model_dir)
+    # SmolLM2's template ignores `tools` (the gateway then writes its own tool prompt); no Mistral [TOOL_CALLS] token
+    assert tokenizer.chat_template_info == ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    assert tokenizer.apply_chat_template(messages, tools) == tokenizer.apply_chat_template(messages)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model_dir / name, tmp_path / name)
+    template = (
+        "{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    (tmp_path / "chat_template.jinja").write_text(template)
+    with_tools = Tokenizer(tmp_path)
+    assert with_tools.chat_template_info.renders_tools
+    assert with_tools.decode(with_tools.apply_chat_template(messages, tools)) == "TOOL lookup\nhi"

@@ -4,7 +4,9 @@ Choice i of a request emits tokens " t0", " t1", ... (token id 100 + j); prompt 
 logprob -t / 10 (the first, as the real engine reports it, none); max_tokens 0 finishes at once with nothing.
 Magic words in the prompt trigger failures:
 TOO_LONG (InvalidRequestError), OVERLOAD (EngineOverloadedError), DEAD (EngineDeadError), CRASH (RuntimeError),
-FAIL_MID (RequestFailedError after the first delta), SLOW (a pause before each step).
+FAIL_MID (RequestFailedError after the first delta), SLOW (a pause before each step). A structured-outputs constraint
+holding INVALID_GRAMMAR fails as the grammar engine's compile error does. `script` replaces the output: each choice
+emits those text pieces, one a step, then finishes with "stop".
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from engine import (
+    ChatPrompt,
+    ChatTemplateInfo,
     CompletionOutput,
     EngineDeadError,
     EngineOverloadedError,
@@ -26,10 +30,12 @@ from engine import (
     Usage,
 )
 
-Prompt = str | list[int] | list[dict[str, str]]
+Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
 
 
 def _prompt_ids(prompt: Prompt) -> list[int]:
+    if isinstance(prompt, ChatPrompt):
+        return _prompt_ids(prompt.messages)
     if isinstance(prompt, str):
         return [len(word) for word in prompt.split()] or [0]
     if prompt and isinstance(prompt[0], dict):
@@ -38,6 +44,8 @@ def _prompt_ids(prompt: Prompt) -> list[int]:
 
 
 def _text(prompt: Prompt) -> str:
+    if isinstance(prompt, ChatPrompt):
+        return _text(prompt.messages)
     if isinstance(prompt, str):
         return prompt
     if prompt and isinstance(prompt[0], dict):
@@ -55,6 +63,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.running: set[str] = set()
         self.num_generation_tokens = 0
+        self.chat_template_info = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
+        self.script: list[str] | None = None
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -105,6 +115,8 @@ class FakeEngine:
             raise EngineOverloadedError("queue full")
         if "CRASH" in text:
             raise RuntimeError("boom")
+        if params.structured_outputs is not None and "INVALID_GRAMMAR" in params.structured_outputs.key[1]:
+            raise InvalidRequestError("cannot compile the grammar: INVALID_GRAMMAR", param="structured_outputs")
         self.requests[request_id] = (prompt, params)
         self.running.add(request_id)
         finished = False
@@ -137,7 +149,12 @@ class FakeEngine:
             for index in range(params.n):
                 if done[index]:
                     continue
-                token = f" t{step}"
+                token = f" t{step}" if self.script is None else self.script[step]
+                if self.script is not None:
+                    num_tokens += 1
+                    done[index] = step == len(self.script) - 1
+                    outputs.append(self._output(index, step, token, params, "stop" if done[index] else None))
+                    continue
                 if token.strip() in params.stop_strings:
                     done[index] = True
                     outputs.append(CompletionOutput(index=index, finish_reason="stop", stop_reason=token.strip()))

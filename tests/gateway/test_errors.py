@@ -39,14 +39,15 @@ def test_malformed_json_and_non_object(client: TestClient) -> None:
         ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
         ({"messages": USER, "tool_choice": "auto"}, "tool_choice"),
         ({"messages": USER, "functions": [{}]}, "functions"),
-        ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
         ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": USER, "n": 17}, "n"),
         ({"messages": USER, "stop": ["a"] * 17}, "stop"),
         ({"messages": USER, "logit_bias": {"x": 1}}, "logit_bias"),
         ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}], "tools": [{}]}, "tools"),
     ],
 )
 def test_chat_invalid_or_unsupported_field_names_param(client: TestClient, body: dict, param: str) -> None:
