@@ -7,7 +7,6 @@ stop strings held back until they can no longer match, max_tokens, context lengt
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ class _Choice:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
-    generator: torch.Generator
+    generator: torch.Generator | None  # a seeded request's own; unseeded choices share the sampler's
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -91,9 +90,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enforce_eager=config.enforce_eager,
             cpu_decode_kernel=self._cpu_decode_kernel(),
+            seed=config.seed,
         )
         self.requests: dict[str, _Request] = {}
-        self.rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks, config.block_size, self.max_model_len)
@@ -130,8 +129,9 @@ class LLMEngine:
         for index in range(params.n):
             leader = choices[0].seq if choices and self.config.enable_prefix_caching else None
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), arrival_s, leader=leader)
-            seed = hash((params.seed, index)) if params.seed is not None else self.rng.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed & (2**63 - 1))
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(hash((params.seed, index)) & (2**63 - 1))
             detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
             choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator))
         self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens)

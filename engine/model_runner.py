@@ -28,12 +28,13 @@ class ModelRunner:
         max_model_len: int = 0,
         enforce_eager: bool = True,
         cpu_decode_kernel: DecodeKernel | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)  # seed: the shared draw of requests without their own
         self.cpu_decode_kernel = cpu_decode_kernel
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
