@@ -49,30 +49,32 @@ def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingP
     """Penalise row idx[j] by params[j] given the tokens of seqs[j]: repetition over prompt and output tokens,
     presence and frequency over output tokens only.
 
-    The rows' tokens go to the device once, flattened; one scatter counts them per (row, token).
+    The rows' tokens go to the device once, flattened, as keys row * vocab + token; torch.unique turns them into the
+    distinct (row, token) pairs and their counts, and only those logits are read and written: no pass over the vocab.
     """
     if not idx:
         return
     device, vocab = logits.device, logits.shape[1]
     flat = _tensor(list(chain.from_iterable(s.token_ids for s in seqs)), device)  # [num_tokens]
     lengths = _tensor([len(s.token_ids) for s in seqs], device)  # [n]
-    row_of = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)  # [num_tokens]
-    starts = lengths.cumsum(0) - lengths  # [n]
-    position = torch.arange(flat.shape[0], device=device) - starts[row_of]  # [num_tokens], within its row
-    is_output = position >= _tensor([s.num_prompt_tokens for s in seqs], device)[row_of]  # [num_tokens]
+    row_of = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)  # [num_tokens], 0..n-1
     known = flat < vocab
-    row_of, flat, is_output = row_of[known], flat[known], is_output[known]
-    sub = logits[idx]  # [n, vocab]
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = torch.zeros_like(sub, dtype=torch.bool).index_put_((row_of, flat), torch.ones_like(flat, dtype=torch.bool))
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=sub.dtype, device=device).unsqueeze(1)
-        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)  # a penalty of 1 changes nothing
+        keys = torch.unique(row_of[known] * vocab + flat[known])  # [num_pairs]: each (row, token) seen once
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[keys // vocab]
+        where = (_tensor(idx, device)[keys // vocab], keys % vocab)
+        values = logits[where]  # [num_pairs]
+        logits[where] = torch.where(values > 0, values / penalty, values * penalty)
     if any(p.presence_penalty or p.frequency_penalty for p in params):
-        counts = torch.zeros_like(sub).index_put_((row_of, flat), is_output.to(sub.dtype), accumulate=True)  # [n, vocab]
-        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype, device=device).unsqueeze(1)
-        presence = torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype, device=device).unsqueeze(1)
-        sub -= frequency * counts + presence * (counts > 0).to(sub.dtype)
-    logits[idx] = sub
+        starts = lengths.cumsum(0) - lengths  # [n]
+        position = torch.arange(flat.shape[0], device=device) - starts[row_of]  # [num_tokens], within its row
+        is_output = known & (position >= _tensor([s.num_prompt_tokens for s in seqs], device)[row_of])
+        keys, counts = torch.unique(row_of[is_output] * vocab + flat[is_output], return_counts=True)  # [num_pairs]
+        rows = keys // vocab
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[rows]
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[rows]
+        where = (_tensor(idx, device)[rows], keys % vocab)
+        logits[where] -= frequency * counts.to(logits.dtype) + presence
 
 
 def _tensor(values: list[int], device: torch.device) -> torch.Tensor:

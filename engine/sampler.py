@@ -135,9 +135,11 @@ def _take(values: torch.Tensor, idx: list[int]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [n, vocab] -> the same with the tokens outside each row's top_k and top_p set to -inf."""
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
     # min(): a top_k past the vocabulary means all of it, and would overflow int64 in torch.tensor (failing the whole step)
     top_ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    if all(p.top_p == 1.0 for p in params):  # top_k only: a partial topk is enough, no full sort
+        return _top_k(logits, top_ks)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
     ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, vocab]
     sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
@@ -147,6 +149,15 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     drop = (probs.cumsum(dim=-1) - probs) >= top_ps
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """logits [n, vocab] -> -inf except each row's top_ks[j] largest logits."""
+    top_values, top_ids = logits.topk(max(top_ks), dim=-1)  # [n, max k], best first
+    ranks = torch.arange(top_values.shape[1], device=logits.device).unsqueeze(0)  # [1, max k]
+    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
+    top_values = top_values.masked_fill(ranks >= ks, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_values)
 
 
 def _logprobs(
