@@ -59,7 +59,8 @@ def _add_rms_norm_kernel(
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [num_tokens, hidden] -> (normed, updated residual), both written in place (x becomes normed)."""
     num_tokens, hidden = x.shape
-    assert x.stride(1) == 1 and residual.stride(1) == 1 and weight.is_contiguous() and x.dtype == residual.dtype
+    assert x.stride(1) == 1 and residual.stride(1) == 1 and weight.is_contiguous()
+    assert x.dtype == residual.dtype == weight.dtype, "the reference rounds weight * x to their one dtype"
     if num_tokens:
         _add_rms_norm_kernel[(num_tokens,)](
             x, residual, weight, x.stride(0), residual.stride(0), eps,
