@@ -8,7 +8,6 @@ describe exactly the text emitted: a stop token gets none, and an entry waits fo
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -46,7 +45,7 @@ class _Choice:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
-    generator: torch.Generator
+    generator: torch.Generator | None  # a seeded request's own; unseeded choices share the sampler's
     matcher: xgr.GrammarMatcher | None = None  # structured outputs: the grammar state, advanced with every output token
     held_logprobs: HeldLogprobs = field(default_factory=HeldLogprobs)
     finish_reason: str | None = None
@@ -121,9 +120,9 @@ class LLMEngine:
             enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
             cpu_decode_kernel=cpu_decode_kernel,
             tp_group=self.tp_group,
+            seed=config.seed,
         )
         self.requests: dict[str, _Request] = {}
-        self.rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info(
@@ -173,8 +172,9 @@ class LLMEngine:
             leader = choices[0].seq if choices and (self.config.enable_prefix_caching or is_scoring) else None
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), arrival_s, leader=leader)
             seq.is_scoring_prompt = is_scoring and index == 0
-            seed = hash((params.seed, index)) if params.seed is not None else self.rng.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed & (2**63 - 1))
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(hash((params.seed, index)) & (2**63 - 1))
             detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
             matcher = None
             if params.structured_outputs is not None:

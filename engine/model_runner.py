@@ -41,12 +41,13 @@ class ModelRunner:
         enforce_eager: bool = True,
         cpu_decode_kernel: DecodeKernel | None = None,
         tp_group: TensorParallelGroup | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)  # seed: the shared draw of requests without their own
         self.cpu_decode_kernel = cpu_decode_kernel
         self.tp_group = tp_group  # tensor parallelism: ranks 1..N-1 get each step's inputs before rank 0 runs it
         self.decode_graphs: DecodeGraphs | None = None

@@ -1,16 +1,19 @@
-"""Sampler: turns one step's logits into tokens, each row with its own SamplingParams.
+"""Sampler: turns one step's logits into tokens, each row with its own SamplingParams, in batched tensor ops.
 
-Order: the grammar mask (structured outputs), logit_bias, min_tokens, repetition / presence / frequency penalties, then
-greedy argmax or temperature -> top_k -> top_p -> min_p -> a draw from the row's own generator (so a seeded request gives
-the same tokens whatever else is in the batch). Logprobs are of the raw model distribution, as vLLM reports them.
+Order: the grammar mask (structured outputs), logit_bias, min_tokens, repetition / presence / frequency penalties
+(logits_processors.py), then greedy argmax or temperature -> top_k -> top_p -> min_p -> a draw. A row with its own
+generator (a seeded request) draws from it, so it gets the same tokens whatever else is in the batch; rows without one
+share one batched draw. Python only reads the rows' params into index lists and small tensors once per step; no tensor
+op runs per row except a seeded row's draw. Logprobs are of the raw model distribution, as vLLM reports them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.logits_processors import apply_logit_bias, apply_penalties, mask_stop_ids
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured import TokenBitmask
@@ -21,7 +24,7 @@ class SampleRow:
     """What the sampler needs to know about one sampling sequence."""
 
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # a seeded request's own; None: the sampler's shared one
     seq: Sequence  # read, never copied: only penalties and min_tokens look at its tokens
     stop_ids: frozenset[int]  # EOS (unless ignored) and stop_token_ids, masked until min_tokens is reached
 
@@ -33,71 +36,117 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[int], list[float]] | None]
 
 
+@dataclass(slots=True)
+class _RowGroups:
+    """Indices of the rows that need each stage, read from their params in one pass."""
+
+    random: list[int] = field(default_factory=list)  # temperature > 0; the others take the argmax
+    biased: list[int] = field(default_factory=list)
+    min_tokens: list[int] = field(default_factory=list)  # below min_tokens, with stop ids to mask
+    penalized: list[int] = field(default_factory=list)
+    logprobs: list[int] = field(default_factory=list)
+
+
 class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed  # seeds the shared generator of the rows that bring none
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
         """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py)."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        groups = _group_rows(rows)
+        raw_logprobs = None
+        if groups.logprobs:
+            raw_logprobs = torch.log_softmax(_take(logits, groups.logprobs), dim=-1)  # [num_logprob_rows, vocab]
         if token_mask is not None:  # before every other processor; logprobs above stay those of the raw model
             token_mask.apply(logits)
-        for i, row in enumerate(rows):
-            _apply_processors(logits[i], row)
-        token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
-        random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if greedy:
-            token_ids[greedy] = logits[greedy].argmax(dim=-1)
-        if random:
-            token_ids[random] = _sample(logits[random], [rows[i] for i in random])
-        ids = token_ids.tolist()
-        return SamplerOutput(ids, _logprobs(raw_logprobs, ids, rows))
+        apply_logit_bias(logits, groups.biased, [rows[i].params.logit_bias or {} for i in groups.biased])
+        mask_stop_ids(logits, groups.min_tokens, [rows[i].stop_ids for i in groups.min_tokens])
+        penalized = groups.penalized
+        apply_penalties(logits, penalized, [rows[i].params for i in penalized], [rows[i].seq for i in penalized])
+        if len(groups.random) == len(rows):
+            token_ids = self._sample(logits, rows, groups.random)  # [num_rows]
+        else:  # greedy fast path: the argmax is all a greedy row needs
+            token_ids = logits.argmax(dim=-1)  # [num_rows]
+            if groups.random:
+                token_ids[groups.random] = self._sample(logits[groups.random], rows, groups.random)
+        return SamplerOutput(token_ids.tolist(), _logprobs(raw_logprobs, token_ids, rows, groups.logprobs))
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
+        """logits [len(idx), vocab] of rows[idx] -> one token id per row."""
+        params = [rows[i].params for i in idx]
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)  # [n]
+        logits = logits / temps.unsqueeze(1)
+        filtered = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+        if len(filtered) == len(params):
+            logits = _top_k_top_p(logits, params)
+        elif filtered:
+            logits[filtered] = _top_k_top_p(logits[filtered], [params[j] for j in filtered])
+        probs = torch.softmax(logits, dim=-1)  # [n, vocab]
+        min_ps = [p.min_p for p in params]
+        if any(min_ps):
+            threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return (probs / self._exponential_noise(probs, [rows[i].generator for i in idx])).argmax(dim=-1)
+
+    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """E ~ Exp(1) shaped like probs [n, vocab]: argmax(p / E) draws from p (the exponential race).
+
+        A row with a generator draws its own row of noise from it; the others share one draw.
+        """
+        shared = [j for j, g in enumerate(generators) if g is None]
+        noise = torch.empty_like(probs)
+        if len(shared) == len(generators):
+            return noise.exponential_(generator=self._shared_generator(probs.device))
+        for j, generator in enumerate(generators):
+            if generator is not None:
+                noise[j].exponential_(generator=generator)
+        if shared:
+            shared_noise = torch.empty((len(shared), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+            noise[shared] = shared_noise.exponential_(generator=self._shared_generator(probs.device))
+        return noise
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared_generators.get(device)
+        if generator is None:
+            generator = self._shared_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return generator
 
 
-def _apply_processors(logits: torch.Tensor, row: SampleRow) -> None:
-    """logits: [vocab] of one row."""
-    p = row.params
-    if p.logit_bias:
-        ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[0]], dtype=torch.long, device=logits.device)
-        vals = torch.tensor([p.logit_bias[t] for t in p.logit_bias if t < logits.shape[0]], device=logits.device)
-        logits.index_add_(0, ids, vals)
-    if row.seq.num_output_tokens < p.min_tokens and row.stop_ids:
-        logits[[t for t in row.stop_ids if t < logits.shape[0]]] = float("-inf")
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.seq.token_ids)), dtype=torch.long, device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.seq.num_output_tokens:
-        out = torch.tensor(row.seq.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(out, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)  # [vocab]
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-
-
-def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """logits [num_rows, vocab] -> one token id per row."""
-    temps = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
-    logits = logits / temps
-    if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
-        logits = _top_k_top_p(logits, rows)
-    probs = torch.softmax(logits, dim=-1)  # [num_rows, vocab]
-    min_ps = [r.params.min_p for r in rows]
-    if any(min_ps):
-        threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Each row uses its own generator.
-    noise = torch.empty_like(probs)
+def _group_rows(rows: list[SampleRow]) -> _RowGroups:
+    groups = _RowGroups()
     for i, row in enumerate(rows):
-        noise[i].exponential_(generator=row.generator)
-    return (probs / noise).argmax(dim=-1)
+        p = row.params
+        if p.temperature != 0.0:
+            groups.random.append(i)
+        if p.logit_bias:
+            groups.biased.append(i)
+        if p.min_tokens and row.stop_ids and row.seq.num_output_tokens < p.min_tokens:
+            groups.min_tokens.append(i)
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            groups.penalized.append(i)
+        if p.logprobs is not None:
+            groups.logprobs.append(i)
+    return groups
 
 
-def _top_k_top_p(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+def _take(values: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """values[idx] without the copy when idx is every row in order."""
+    return values if len(idx) == values.shape[0] else values[idx]
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [n, vocab] -> the same with the tokens outside each row's top_k and top_p set to -inf."""
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
     # min(): a top_k past the vocabulary means all of it, and would overflow int64 in torch.tensor (failing the whole step)
-    top_ks = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
-    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [num_rows, 1]
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    top_ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    if all(p.top_p == 1.0 for p in params):  # top_k only: a partial topk is enough, no full sort
+        return _top_k(logits, top_ks)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
+    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, vocab]
     sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
-    top_ps = torch.tensor([r.params.top_p for r in rows], device=logits.device).unsqueeze(1)
+    top_ps = torch.tensor([p.top_p for p in params], device=logits.device).unsqueeze(1)  # [n, 1]
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
     drop = (probs.cumsum(dim=-1) - probs) >= top_ps
@@ -105,16 +154,26 @@ def _top_k_top_p(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """logits [n, vocab] -> -inf except each row's top_ks[j] largest logits."""
+    top_values, top_ids = logits.topk(max(top_ks), dim=-1)  # [n, max k], best first
+    ranks = torch.arange(top_values.shape[1], device=logits.device).unsqueeze(0)  # [1, max k]
+    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
+    top_values = top_values.masked_fill(ranks >= ks, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_values)
+
+
 def _logprobs(
-    raw: torch.Tensor | None, ids: list[int], rows: list[SampleRow]
+    raw: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SampleRow], idx: list[int]
 ) -> list[tuple[float, list[int], list[float]] | None]:
+    """raw: log-softmax [len(idx), vocab] of rows[idx]; token_ids [num_rows] the sampled tokens."""
     result: list[tuple[float, list[int], list[float]] | None] = [None] * len(rows)
     if raw is None:
         return result
-    for i, row in enumerate(rows):
-        k = row.params.logprobs
-        if k is None:
-            continue
-        top_values, top_ids = raw[i].topk(k) if k > 0 else (raw[i][:0], raw[i][:0].long())
-        result[i] = (float(raw[i, ids[i]]), top_ids.tolist(), top_values.tolist())
+    sampled = raw.gather(1, _take(token_ids, idx).unsqueeze(1)).squeeze(1).tolist()  # [len(idx)]
+    ks = [rows[i].params.logprobs or 0 for i in idx]
+    top_values, top_ids = raw.topk(max(ks), dim=-1)  # [len(idx), max k], best first
+    values, ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(idx):
+        result[i] = (sampled[j], ids[j][: ks[j]], values[j][: ks[j]])
     return result

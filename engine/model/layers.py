@@ -1,4 +1,8 @@
-"""RMSNorm, rotary embedding (rotate-half, as Hugging Face's Llama/Mistral), gated MLP."""
+"""RMSNorm, rotary embedding (rotate-half, as Hugging Face's Llama/Mistral), gated MLP.
+
+On CUDA tensors the residual add + RMSNorm and SiLU * up run as fused Triton kernels (triton_layers.py), which tests
+check against the PyTorch code here; CPU tensors never reach them.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [num_tokens, hidden] -> (norm(x + residual), x + residual)."""
+        if x.is_cuda:  # GPU-only speedup: one kernel, both results written in place of x and residual
+            from engine.model import triton_layers  # Triton comes with CUDA builds of torch; CPU installs need not have it
+
+            return triton_layers.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -79,5 +92,10 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(self.intermediate_size, config.hidden_size, partition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [num_tokens, intermediate] x2
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if gate_up.is_cuda:  # GPU-only speedup: one kernel instead of silu and mul
+            from engine.model import triton_layers
+
+            return self.down_proj(triton_layers.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [num_tokens, intermediate] x2
         return self.down_proj(nn.functional.silu(gate) * up)

@@ -49,8 +49,14 @@ class MistralAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        if q.is_cuda:  # GPU-only speedup: rotary on q and k and the K/V write in one Triton kernel, q rotated in place
+            from engine.model import triton_layers  # Triton comes with CUDA builds of torch; CPU installs need not have it
+
+            assert self.rotary_emb.cos_sin is not None, "RotaryEmbedding.build() was not called"
+            triton_layers.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_sin, kv[0], kv[1], meta.slot_mapping)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], meta, self.scale, self.sliding_window)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -64,10 +70,21 @@ class MistralDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at the first layer, residual None), residual: the stream
+        before it -> this layer's (MLP output, residual). Each add is done by the norm after it (fused on CUDA)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(positions, x, kv, meta), residual)
+        return self.mlp(x), residual
 
 
 class MistralModel(nn.Module):
@@ -87,9 +104,12 @@ class MistralModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        residual = None
         for layer, kv in zip(self.layers, kv_cache, strict=True):
-            x = layer(positions, x, kv, meta)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv, meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 class MistralForCausalLM(nn.Module):

@@ -1,6 +1,6 @@
-"""The CUDA path against the CPU reference: Triton kernels compiled on the GPU, and the engine's greedy outputs on CUDA
-(eager and with CUDA graphs) equal to the CPU engine's on the tiny fixture models, the embedded model and a model with
-Mistral-7B layer shapes. Skipped without CUDA.
+"""The CUDA path against the CPU reference: Triton kernels compiled on the GPU (attention, and the fused layer kernels
+the CUDA model runs), and the engine's greedy outputs on CUDA (eager and with CUDA graphs) equal to the CPU engine's on
+the tiny fixture models, the embedded model and a model with Mistral-7B layer shapes. Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
 from tests.engine.test_triton_attention import CASES, Case, case_errors
+from tests.engine.test_triton_layers import CASES as LAYER_CASES
+from tests.engine.test_triton_layers import DTYPES, TOLERANCE, LayerCase, case_error
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -44,6 +46,13 @@ def test_compiled_kernels_match_reference_bf16(case: Case) -> None:
     errors = case_errors(case, CUDA, torch.bfloat16)
     assert errors["write"] == 0.0
     assert errors["attention"] < 3e-2, errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.name for c in LAYER_CASES])
+def test_compiled_layer_kernels_match_reference(case: LayerCase, dtype: str) -> None:
+    error = case_error(case, CUDA, DTYPES[dtype])
+    assert error < TOLERANCE[dtype], f"{case.name} {dtype}: relative error {error}"
 
 
 def _generate(model_dir: pathlib.Path, prompts: list, max_tokens: int = 24, **kwargs: object) -> tuple[list[RequestOutput], int]:

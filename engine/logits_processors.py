@@ -1,0 +1,81 @@
+"""Logits processors the sampler runs before it draws: logit_bias, min_tokens stop masking, and penalties.
+
+Each takes the whole batch's logits [num_rows, vocab] and the indices of the rows it concerns, gathers those rows'
+parameters into one sparse scatter or one small tensor, and changes the logits in place with batched ops: no tensor
+op per row. Token ids at or past the logits' vocabulary are ignored (a tokenizer may know more ids than the model).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+def apply_logit_bias(logits: torch.Tensor, idx: list[int], biases: list[dict[int, float]]) -> None:
+    """Add biases[j] to the logits of row idx[j], as one scatter over every (row, token) pair."""
+    if not idx:
+        return
+    vocab = logits.shape[1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    values: list[float] = []
+    for i, row_bias in zip(idx, biases, strict=True):
+        for token_id, bias in row_bias.items():
+            if token_id < vocab:
+                row_ids.append(i)
+                token_ids.append(token_id)
+                values.append(bias)
+    if row_ids:
+        where = (_tensor(row_ids, logits.device), _tensor(token_ids, logits.device))  # [num_pairs] each
+        logits.index_put_(where, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def mask_stop_ids(logits: torch.Tensor, idx: list[int], stop_ids: list[frozenset[int]]) -> None:
+    """Set stop_ids[j] of row idx[j] (a row still below min_tokens) to -inf, as one scatter."""
+    if not idx:
+        return
+    vocab = logits.shape[1]
+    pairs = [(i, t) for i, ids in zip(idx, stop_ids, strict=True) for t in ids if t < vocab]
+    if pairs:
+        row_ids, token_ids = zip(*pairs, strict=True)
+        logits[_tensor(list(row_ids), logits.device), _tensor(list(token_ids), logits.device)] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingParams], seqs: list[Sequence]) -> None:
+    """Penalise row idx[j] by params[j] given the tokens of seqs[j]: repetition over prompt and output tokens,
+    presence and frequency over output tokens only.
+
+    The rows' tokens go to the device once, flattened, as keys row * vocab + token; torch.unique turns them into the
+    distinct (row, token) pairs and their counts, and only those logits are read and written: no pass over the vocab.
+    """
+    if not idx:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    flat = _tensor(list(chain.from_iterable(s.token_ids for s in seqs)), device)  # [num_tokens]
+    lengths = _tensor([len(s.token_ids) for s in seqs], device)  # [n]
+    row_of = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)  # [num_tokens], 0..n-1
+    known = flat < vocab
+    if any(p.repetition_penalty != 1.0 for p in params):
+        keys = torch.unique(row_of[known] * vocab + flat[known])  # [num_pairs]: each (row, token) seen once
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[keys // vocab]
+        where = (_tensor(idx, device)[keys // vocab], keys % vocab)
+        values = logits[where]  # [num_pairs]
+        logits[where] = torch.where(values > 0, values / penalty, values * penalty)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        starts = lengths.cumsum(0) - lengths  # [n]
+        position = torch.arange(flat.shape[0], device=device) - starts[row_of]  # [num_tokens], within its row
+        is_output = known & (position >= _tensor([s.num_prompt_tokens for s in seqs], device)[row_of])
+        keys, counts = torch.unique(row_of[is_output] * vocab + flat[is_output], return_counts=True)  # [num_pairs]
+        rows = keys // vocab
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[rows]
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[rows]
+        where = (_tensor(idx, device)[rows], keys % vocab)
+        logits[where] -= frequency * counts.to(logits.dtype) + presence
+
+
+def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
