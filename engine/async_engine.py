@@ -49,12 +49,12 @@ class AsyncEngine:
         self._stopping = False
         self._error: str | None = None
         self._has_failed_all = False  # pending requests were failed: a request registered later must not wait
-        self._core: EngineCoreClient | None = None
+        self.core: EngineCoreClient | None = None  # the engine-core process (engine_process), else None
         self._front: LLMEngine | EngineCoreClient  # the tokenizer and model facts, in this process
         if config.engine_process:
-            self._core = EngineCoreClient(config, self._wakeup, self._take_inbox, self._on_report, self._on_core_exit)
-            self._front = self._core
-            self._stats = self._core.initial_stats
+            self.core = EngineCoreClient(config, self._wakeup, self._take_inbox, self._on_report, self._on_core_exit)
+            self._front = self.core
+            self._stats = self.core.initial_stats
         else:
             self.engine: LLMEngine  # set on the loop thread
             self._thread = threading.Thread(target=self._main, args=(config,), name="sirocco-engine", daemon=True)
@@ -74,8 +74,8 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._stopping = True
-        if self._core is not None:
-            self._core.shutdown()
+        if self.core is not None:
+            self.core.shutdown()
             return
         self._wakeup.set()
         self._started.set()
@@ -83,14 +83,13 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        is_running = self._core.is_running if self._core is not None else self._thread.is_alive()
+        is_running = self.core.is_running if self.core is not None else self._thread.is_alive()
         return self._started.is_set() and is_running and not self._stopping and self._error is None
 
     def stats(self) -> EngineStats:
         with self._lock:
-            num_new = sum(1 for item in self._inbox if not isinstance(item, str))
-        stats = self._stats
-        return replace(stats, is_alive=self.is_alive, error=self._error, num_waiting=stats.num_waiting + num_new)
+            stats, num_waiting = self._stats, self._num_waiting()
+        return replace(stats, is_alive=self.is_alive, error=self._error, num_waiting=num_waiting)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._front.tokenizer.decode(token_ids)
