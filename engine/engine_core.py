@@ -9,6 +9,7 @@ exits when the parent's pipe reads EOF (the parent is gone); its tensor-parallel
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import logging
@@ -123,6 +124,9 @@ class EngineCoreClient:
         self.process.start()
         child_requests.close()  # the child holds its own copies: its ends now close when it exits
         child_outputs.close()
+        # At exit multiprocessing joins non-daemon children; closing our end first lets the child read EOF and exit, so
+        # a program that never called shutdown() does not hang there (atexit runs this before multiprocessing's hook).
+        atexit.register(self._requests.close)
         try:
             facts = self._wait_loaded()
             self.tokenizer = Tokenizer(facts.model_dir)
