@@ -1,8 +1,9 @@
-"""AsyncEngine: runs the LLMEngine loop on a background thread and streams deltas to asyncio callers.
+"""AsyncEngine: runs the LLMEngine loop on a background thread, or in its own process, and streams deltas to asyncio callers.
 
 Requests and aborts reach the loop through an inbox; outputs reach each request's asyncio queue through
 loop.call_soon_threadsafe (one call per step); deltas that queued up while a reader was busy are joined into one.
-If the loop dies, every pending request fails with EngineDeadError.
+If the loop dies, every pending request fails with EngineDeadError. With EngineConfig.engine_process the loop runs in
+a child process (engine_core.py): a sender thread ships the inbox there, a reader thread delivers its step reports.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from engine.config import EngineConfig
+from engine.engine_core import EngineCoreClient, InboxItem, StepReport, rebuild_error
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-from engine.llm_engine import LLMEngine, Prompt
+from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput, merge_delta
+from engine.prompts import Prompt
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -27,9 +30,10 @@ _Item = RequestOutput | Exception
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
-        """Builds the LLMEngine on the loop thread and waits until it is loaded; start() then begins the loop.
+        """Builds the LLMEngine (on the loop thread, or in the engine-core process) and waits until it is loaded; start()
+        then lets requests in. A load error is raised here.
 
-        Every torch call runs on that one thread, loading included. A thread that ever ran a parallel torch op keeps an
+        Every torch call runs on the loop thread, loading included. A thread that ever ran a parallel torch op keeps an
         OpenMP team of its own, and once OpenMP manages more threads than there are cores, its workers stop spin-waiting
         between ops: decode ran 7-15% slower on 2 cores when the engine was loaded on one thread and stepped on another.
         """
@@ -39,20 +43,30 @@ class AsyncEngine:
         self._started = threading.Event()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        self._inbox: list[tuple[str, list[int], SamplingParams] | str] = []  # new requests, or request ids to abort
+        self._inbox: list[InboxItem] = []
+        self._num_in_flight = 0  # adds sent to the engine-core process that no step report has counted yet
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]] = {}
         self._stopping = False
         self._error: str | None = None
-        self.engine: LLMEngine  # set on the loop thread
-        self._thread = threading.Thread(target=self._main, args=(config,), name="sirocco-engine", daemon=True)
-        self._thread.start()
-        self._loaded.wait()
-        if self._load_error is not None:
-            raise self._load_error
-        self.max_model_len = self.engine.max_model_len
-        self.fingerprint = self.engine.fingerprint  # changes when the model or an output-changing setting does
-        self.chat_template_info = self.engine.tokenizer.chat_template_info
-        self._stats = self.engine.stats()
+        self._has_failed_all = False  # pending requests were failed: a request registered later must not wait
+        self.core: EngineCoreClient | None = None  # the engine-core process (engine_process), else None
+        self._front: LLMEngine | EngineCoreClient  # the tokenizer and model facts, in this process
+        if config.engine_process:
+            self.core = EngineCoreClient(config, self._wakeup, self._take_inbox, self._on_report, self._on_core_exit)
+            self._front = self.core
+            self._stats = self.core.initial_stats
+        else:
+            self.engine: LLMEngine  # set on the loop thread
+            self._thread = threading.Thread(target=self._main, args=(config,), name="sirocco-engine", daemon=True)
+            self._thread.start()
+            self._loaded.wait()
+            if self._load_error is not None:
+                raise self._load_error
+            self._front = self.engine
+            self._stats = self.engine.stats()
+        self.max_model_len = self._front.max_model_len
+        self.fingerprint = self._front.fingerprint  # changes when the model or an output-changing setting does
+        self.chat_template_info = self._front.tokenizer.chat_template_info
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -61,22 +75,25 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._stopping = True
+        if self.core is not None:
+            self.core.shutdown()
+            return
         self._wakeup.set()
         self._started.set()
         self._thread.join(timeout=30)
 
     @property
     def is_alive(self) -> bool:
-        return self._started.is_set() and self._thread.is_alive() and not self._stopping and self._error is None
+        is_running = self.core.is_running if self.core is not None else self._thread.is_alive()
+        return self._started.is_set() and is_running and not self._stopping and self._error is None
 
     def stats(self) -> EngineStats:
         with self._lock:
-            num_new = sum(1 for item in self._inbox if not isinstance(item, str))
-        stats = self._stats
-        return replace(stats, is_alive=self.is_alive, error=self._error, num_waiting=stats.num_waiting + num_new)
+            stats, num_waiting = self._stats, self._num_waiting()
+        return replace(stats, is_alive=self.is_alive, error=self._error, num_waiting=num_waiting)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(token_ids)
+        return self._front.tokenizer.decode(token_ids)
 
     # --- tokenizer (any thread may call these: they touch no engine state) ----------------------------------
 
@@ -84,7 +101,7 @@ class AsyncEngine:
         self, prompt: str | list[dict[str, str]], *, add_special_tokens: bool, add_generation_prompt: bool = True
     ) -> list[int]:
         """Token ids of a text, or of chat messages rendered by the chat template; raises InvalidRequestError."""
-        tokenizer = self.engine.tokenizer
+        tokenizer = self._front.tokenizer
         if isinstance(prompt, str):
             return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         return tokenizer.apply_chat_template(
@@ -93,14 +110,14 @@ class AsyncEngine:
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of token ids, special tokens kept (so it round-trips tokenize); raises InvalidRequestError."""
-        vocab = self.engine.model_config.vocab_size
+        vocab = self._front.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="tokens")
-        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=False)
+        return self._front.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (what logprobs show for it)."""
-        return [self.engine.tokenizer.token_text(t) for t in token_ids]
+        return [self._front.tokenizer.token_text(t) for t in token_ids]
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -109,9 +126,11 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError(self._error or "the engine is not running")
         # Tokenizing and rendering the chat template take a while for long prompts: off the event loop.
-        prompt_ids = await asyncio.to_thread(self.engine.prepare, prompt, params)
+        prompt_ids = await asyncio.to_thread(self._front.prepare, prompt, params)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         with self._lock:
+            if self._has_failed_all:
+                raise EngineDeadError(self._error or "the engine was shut down")
             if self._num_waiting() >= self.max_waiting_requests:
                 raise EngineOverloadedError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
@@ -125,6 +144,7 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     raise item
                 error = _join_queued(item, queue)
+                item.prompt_token_ids = prompt_ids  # the engine-core process does not send them back with every delta
                 finished = item.finished
                 yield item
         finally:
@@ -140,7 +160,28 @@ class AsyncEngine:
 
     def _num_waiting(self) -> int:
         """Requests not yet running (caller holds the lock)."""
-        return self._stats.num_waiting + sum(1 for item in self._inbox if not isinstance(item, str))
+        num_new = sum(1 for item in self._inbox if not isinstance(item, str))
+        return self._stats.num_waiting + num_new + self._num_in_flight
+
+    # --- the engine-core process's callbacks (sender and reader threads) -----------------------------------
+
+    def _take_inbox(self) -> list[InboxItem]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            self._num_in_flight += sum(1 for item in inbox if not isinstance(item, str))
+        return inbox
+
+    def _on_report(self, report: StepReport) -> None:
+        with self._lock:
+            self._stats = report.stats  # first, as in the thread loop
+            self._num_in_flight -= report.num_adds
+        items: list[tuple[str, _Item]] = [(output.request_id, output) for output in report.outputs]
+        items += [(request_id, rebuild_error(info)) for request_id, info in report.failures]
+        self._deliver_all(items)
+
+    def _on_core_exit(self, why: str | None) -> None:
+        self._error = why
+        self._fail_all(EngineDeadError(why or "the engine was shut down"))
 
     # --- the loop thread -----------------------------------------------------------------------------------
 
@@ -211,6 +252,7 @@ class AsyncEngine:
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
+            self._has_failed_all = True
             request_ids = list(self._queues)
         self._deliver_all([(request_id, exc) for request_id in request_ids])
 

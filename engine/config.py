@@ -36,6 +36,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch threads on CPU; None: one fewer than the CPUs this process may use (engine/threads.py)
     tensor_parallel_size: int = 1  # ranks (processes) the model is split over; >1 starts ranks 1..N-1 as worker processes
     distributed_timeout_s: float = 120.0  # a tensor-parallel step collective not done by then fails the engine
+    engine_process: bool = False  # True: the step loop runs in its own process (engine_core.py), not on a thread
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -27,17 +27,16 @@ from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model.parallel import Partition
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
+from engine.prompts import Prompt, check_prompt, tokenize_prompt
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.structured import StructuredOutputManager
 from engine.threads import set_torch_threads
-from engine.tokenizer import ChatPrompt, IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
 
 
 @dataclass(slots=True)
@@ -81,6 +80,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             logger.info("torch threads: %d", set_torch_threads(config.num_threads))
         model_dir = resolve_model_dir(config)
+        self.model_dir = model_dir
         self.model_config = read_model_config(model_dir)
         check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
         partition = Partition(0, config.tensor_parallel_size)  # this process is rank 0
@@ -142,13 +142,7 @@ class LLMEngine:
     # --- requests in ---------------------------------------------------------------------------------------
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, ChatPrompt):
-            return self.tokenizer.apply_chat_template(prompt.messages, prompt.tools)
-        if prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Tokenize and check a prompt, compile its grammar; raises InvalidRequestError. Any thread may call it."""
@@ -187,18 +181,7 @@ class LLMEngine:
         self.num_prompt_tokens += len(prompt_ids)
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        num_wanted = 1 if params.max_tokens is None else params.max_tokens
-        if len(prompt_ids) + num_wanted > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for {len(prompt_ids)} "
-                f"prompt tokens plus {num_wanted} to generate",
-                param="max_tokens" if params.max_tokens and len(prompt_ids) < self.max_model_len else "prompt",
-            )
+        check_prompt(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

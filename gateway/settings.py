@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(
         1, ge=1, description="Processes (GPUs on CUDA) the model is split over by tensor parallelism"
     )
+    engine_process: bool = Field(
+        False, description="Run the engine's step loop in its own process, away from the HTTP side's GIL"
+    )
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -151,6 +154,7 @@ class Settings(BaseSettings):
             seed=self.seed,
             num_threads=self.num_threads,
             tensor_parallel_size=self.tensor_parallel_size,
+            engine_process=self.engine_process,
         )
 
 
