@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sirocco")
 _GRACEFUL_SHUTDOWN_S = 2.0  # after the drain: time for idle keep-alive connections to close
+_EXPIRED_DRAIN_GRACE_S = 5.0  # after the drain timeout: time for the streams to send their final error event
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,6 +34,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state = state
         self._drain_deadline_s: float | None = None
+        self._engine_stop_s: float | None = None  # when the drain timed out and the engine was stopped
         self.interrupted_by: int | None = None  # the signal that stopped a load still under way
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -54,9 +56,16 @@ class DrainingServer(uvicorn.Server):
             if num_in_flight == 0:
                 logger.info("drained; shutting down")
                 self.should_exit = True
+            elif self._engine_stop_s is not None:
+                if time.monotonic() >= self._engine_stop_s + _EXPIRED_DRAIN_GRACE_S:
+                    logger.warning("drain timeout: closing %d connections that did not end", num_in_flight)
+                    self.should_exit = True
             elif time.monotonic() >= self._drain_deadline_s:
-                logger.warning("drain timeout: cancelling %d in-flight requests", num_in_flight)
-                self.should_exit = True
+                # Stop the engine instead of cutting connections: every pending request then ends with an error (one
+                # final SSE error event, or a 503), so no client sees a stream that simply stops mid-way.
+                logger.warning("drain timeout: ending %d in-flight requests with an error", num_in_flight)
+                self._engine_stop_s = time.monotonic()
+                self._state.stop_engine_in_background()
             elif counter % 10 == 0:
                 logger.info("draining: %d requests in flight", num_in_flight)
         return await super().on_tick(counter)

@@ -6,6 +6,7 @@ One instance per app, on `app.state.gateway`; no module-level state.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ class GatewayState:
     def begin_drain(self) -> None:
         """Stop taking new requests; the ones in flight go on."""
         self.is_draining = True
+
+    def stop_engine_in_background(self) -> None:
+        """Shut the engine down on a daemon thread: every pending request fails with the engine-dead error at once."""
+        if self.engine is not None:
+            threading.Thread(target=self.engine.shutdown, name="sirocco-engine-stop", daemon=True).start()
 
     def system_fingerprint(self, engine: AsyncEngine) -> str:
         """OpenAI's `system_fingerprint`: `fp_` + a short hash of the served name and the engine's own fingerprint."""

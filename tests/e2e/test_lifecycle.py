@@ -123,6 +123,30 @@ def _wait_for_loading(server: ServerProcess, timeout_s: float = BOUND_S) -> http
     return wait_until(first_answer, "the port to open", timeout_s, poll_s=0.2)
 
 
+def test_a_drain_that_times_out_ends_streams_with_an_error_event(tmp_path: pathlib.Path) -> None:
+    """Past drain_timeout_s the in-flight stream ends with one error event, not a connection cut mid-stream."""
+    settings = {"SIROCCO_DRAIN_TIMEOUT_S": "1", "SIROCCO_CACHE_DIR": str(REPO_ROOT / ".cache" / "sirocco")}
+    server = ServerProcess(tmp_path / "server.log", settings)
+    try:
+        server.wait_ready()
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        data: list[str] = []
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=BOUND_S) as response:
+            for line in response.iter_lines():  # raises on a connection cut before the body's end
+                if line.startswith("data:"):
+                    data.append(line.removeprefix("data: "))
+                    if len(data) == 2:
+                        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=BOUND_S) == 0, server.log()
+    finally:
+        server.stop()
+    assert "[DONE]" not in data and len(data) >= 3, data[-3:]
+    assert all("error" not in json.loads(item) for item in data[:-1])
+    error = json.loads(data[-1])["error"]
+    assert error["type"] == "service_unavailable_error" and error["code"] == "engine_dead", error
+    assert "Traceback" not in server.log(), server.log()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_loading_stops_the_server_at_once(tmp_path: pathlib.Path, sig: signal.Signals) -> None:
     # An empty cache: the embedded model is converted first (the slowest first start there is).
