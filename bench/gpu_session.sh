@@ -3,7 +3,7 @@
 # (tests/engine/test_cuda.py: compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the
 # Mistral-7B-shape benchmark (bench/gpu.py). Logs and JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments
 # go to bench/gpu.py. Works offline: the embedded model's GGUF is put back together from .gpu's two halves and gguf is
-# installed from its wheel into /tmp/site; the machine needs the other dependencies (pyproject.toml) and pytest.
+# installed from its wheel into /tmp/site, as are xgrammar and apache-tvm-ffi; the machine needs the other dependencies (pyproject.toml) and pytest.
 set -u
 OUT=${OUT:-/tmp/sirocco-gpu}
 mkdir -p "$OUT"
@@ -16,7 +16,8 @@ cat .gpu/a/smol.part00 .gpu/b/smol.part01 >"$gguf"
 if [ "$(sha256sum "$gguf" | cut -d' ' -f1)" != "$(cat .gpu/b/smol.sha256)" ]; then
   echo "embedded GGUF incomplete: the embedded-model tests will fail" | tee "$OUT/gguf-missing.txt"
 fi
-$PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/gguf-*.whl
+$PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/gguf-*.whl .gpu/b/xgrammar-*.whl \
+  .gpu/b/apache_tvm_ffi-*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 
