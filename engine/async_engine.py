@@ -145,6 +145,7 @@ class AsyncEngine:
             self._error = f"engine loop died: {exc!r}"
         finally:
             self._fail_all(EngineDeadError(self._error or "the engine was shut down"))
+            self.engine.structured.close()  # stop the grammar compiler's child process, if one was started
 
     def _drain_inbox(self) -> None:
         with self._lock:
