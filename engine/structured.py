@@ -97,7 +97,7 @@ class StructuredOutputManager:
         vocab_size: int,
         stop_token_ids: Sequence[int],
         *,
-        compile_timeout_s: float = COMPILE_TIMEOUT_S,
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,  # read at each compile
         max_cache_bytes: int = MAX_CACHE_BYTES,
     ) -> None:
         """vocab_size: the model's (its logits' width), which may exceed the tokenizer's; stop_token_ids: the EOS ids."""
@@ -128,7 +128,7 @@ class StructuredOutputManager:
                 return cached
             kind, text = compile_args(structured)
             try:
-                payload = self._compile_worker().compile(kind, text)
+                payload = self._compile_worker().compile(kind, text, self.compile_timeout_s)
             except GrammarCompileTimeout as exc:
                 message = f"structured_outputs.{structured.key[0]} is too complex: {exc}"
                 raise InvalidRequestError(message, param="structured_outputs") from exc
@@ -172,7 +172,7 @@ class StructuredOutputManager:
 
     def _compile_worker(self) -> GrammarCompileWorker:
         if self._worker is None:
-            self._worker = GrammarCompileWorker(self._tokenizer_info().serialize_json(), self.compile_timeout_s)
+            self._worker = GrammarCompileWorker(self._tokenizer_info().serialize_json())
         return self._worker
 
     def _lookup(self, key: tuple[str, str]) -> xgr.CompiledGrammar | None:
