@@ -32,23 +32,22 @@ class GrammarCompileTimeout(Exception):
 class GrammarCompileWorker:
     """A child process holding an xgrammar GrammarCompiler for one tokenizer; started on the first compile."""
 
-    def __init__(self, tokenizer_info_json: str, timeout_s: float, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, tokenizer_info_json: str, start_timeout_s: float = 120.0) -> None:
         self.tokenizer_info_json = tokenizer_info_json
-        self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s  # importing torch + xgrammar in the child takes seconds on a busy CPU
         self._process: subprocess.Popen[bytes] | None = None
         self._send: Connection | None = None
         self._recv: Connection | None = None
         self._finalizer: weakref.finalize | None = None
 
-    def compile(self, kind: str, text: str) -> str:
-        """The serialized CompiledGrammar; raises GrammarCompileError or GrammarCompileTimeout."""
+    def compile(self, kind: str, text: str, timeout_s: float) -> str:
+        """The serialized CompiledGrammar; raises GrammarCompileError, or GrammarCompileTimeout past timeout_s."""
         assert kind in COMPILE_KINDS, kind
         send, recv = self._ensure_started()
         send.send((kind, text))
-        if not recv.poll(self.timeout_s):
+        if not recv.poll(timeout_s):
             self.close()
-            raise GrammarCompileTimeout(f"compiling took longer than {self.timeout_s:g} s")
+            raise GrammarCompileTimeout(f"compiling took longer than {timeout_s:g} s")
         try:
             status, payload = recv.recv()
         except (EOFError, OSError) as exc:  # the child died (xgrammar crashed on this input, or it was killed)

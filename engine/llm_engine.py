@@ -325,7 +325,8 @@ class LLMEngine:
         return [(request_id, exc) for request_id in request_ids]
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes, if any. Idempotent; the engine cannot step afterwards."""
+        """Stop the helper processes (tensor-parallel ranks, the grammar compiler). Idempotent; no step afterwards."""
+        self.structured.close()
         if self.tp_group is not None:
             self.tp_group.close()
 
