@@ -13,7 +13,6 @@ import atexit
 import builtins
 import contextlib
 import logging
-import pickle
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection, get_context
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from engine.config import ConfigError, EngineConfig
 from engine.errors import (
@@ -227,7 +227,7 @@ def _log_setup() -> tuple[int, logging.Formatter | None]:
     root = logging.getLogger()
     formatter = root.handlers[0].formatter if root.handlers else None
     try:
-        pickle.dumps(formatter)
+        ForkingPickler.dumps(formatter)  # what the pipe will do with it (serializing only: nothing is loaded here)
     except Exception:
         formatter = None
     return root.getEffectiveLevel(), formatter

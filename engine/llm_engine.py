@@ -190,6 +190,11 @@ class LLMEngine:
                 self.scheduler.finish(choice.seq)
 
     @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (token ids are in [0, vocab_size)); the engine-core client has the same fact."""
+        return self.model_config.vocab_size
+
+    @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
