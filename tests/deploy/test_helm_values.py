@@ -145,6 +145,7 @@ BAD_VALUES = [
     pytest.param({"sirocco": {"ttft_buckets_s": "0.1,1"}}, "/sirocco/ttft_buckets_s", id="buckets-as-string"),
     pytest.param({"image": {"tag": 1.0}}, "/image/tag", id="numeric-image-tag"),
     pytest.param({"gpus": -1}, "/gpus", id="negative-gpus"),
+    pytest.param({"sirocco": {"tensor_parallel_size": 3}}, "/sirocco/tensor_parallel_size", id="tp-not-a-power-of-two"),
     pytest.param({"modelCache": {"type": "nfs"}}, "/modelCache/type", id="unknown-cache-type"),
     pytest.param({"probes": {"startup": {"failureThreshold": 0}}}, "/probes/startup/failureThreshold", id="zero-threshold"),
     pytest.param({"secrets": {"hfToken": {"token": "x"}}}, "'token' not allowed", id="unknown-secret-key"),
@@ -165,6 +166,7 @@ def test_schema_rejects_bad_values(helm: Path, tmp_path: Path, values: dict[str,
 
 
 BAD_COMBINATIONS = [
+    pytest.param({"gpus": 2, "sirocco": {"tensor_parallel_size": 4}}, "exceeds the GPUs requested", id="tp-above-gpus"),
     pytest.param({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "are both true", id="hpa-and-keda"),
     pytest.param({"modelCache": {"type": "existingClaim"}}, "modelCache.existingClaim", id="existing-claim-without-name"),
     pytest.param({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "greater than", id="hpa-min-above-max"),
@@ -179,3 +181,21 @@ def test_template_fails_on_bad_combinations(helm: Path, tmp_path: Path, values: 
     returncode, stderr = _template_with(helm, tmp_path, values)
     assert returncode != 0
     assert message in stderr, stderr
+
+
+@pytest.mark.parametrize(("values", "expected_gpus"), [({}, 1), ({"sirocco": {"tensor_parallel_size": 4}}, 4), ({"gpus": 8}, 8)])
+def test_gpus_follow_the_tensor_parallel_size_unless_given(
+    helm: Path, tmp_path: Path, values: dict[str, Any], expected_gpus: int
+) -> None:
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    result = helm_template(helm, ["--values", str(values_file)])
+    assert result.returncode == 0, result.stderr
+    (deployment,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == expected_gpus
+    shm = next(volume for volume in pod["volumes"] if volume["name"] == "dshm")  # NCCL's shared memory
+    assert shm["emptyDir"]["medium"] == "Memory"
+    env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
+    assert env.get("SIROCCO_TENSOR_PARALLEL_SIZE", "1") == str(values.get("sirocco", {}).get("tensor_parallel_size", 1))

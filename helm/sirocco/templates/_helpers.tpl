@@ -146,3 +146,15 @@ httpGet:
 {{- define "sirocco.promSelector" -}}
 namespace="{{ .Release.Namespace }}", service="{{ include "sirocco.fullname" . }}"
 {{- end }}
+
+{{/*
+GPUs per pod: .Values.gpus, or one per tensor-parallel rank when it is null; fails when the ranks outnumber the GPUs.
+*/}}
+{{- define "sirocco.gpus" -}}
+{{- $ranks := int (.Values.sirocco.tensor_parallel_size | default 1) -}}
+{{- $gpus := ternary $ranks (int .Values.gpus) (kindIs "invalid" .Values.gpus) -}}
+{{- if and (gt $gpus 0) (gt $ranks $gpus) -}}
+{{- fail (printf "sirocco.tensor_parallel_size (%d) exceeds the GPUs requested (gpus: %d): one GPU per rank" $ranks $gpus) -}}
+{{- end -}}
+{{- $gpus -}}
+{{- end }}
