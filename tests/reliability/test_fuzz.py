@@ -11,7 +11,7 @@ import copy
 import json
 import pathlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -194,6 +194,7 @@ def _hostile_bodies() -> list[tuple[str, str, bytes]]:
         add("unknown field", path, {**template, "surprise": 1})
         for nested in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
             add(f"deeply nested user ({nested[:2]})", path, _raw(path, template, "user", nested))
+    _add_grammar_cases(add)
     completions = _valid("/v1/completions")
     for prompt in ([49152], [2**31], [2**63], [10**30], [-1], [[1, 2], [49152]], [[]], [], [0] * 2000, "", [""]):
         add(f"prompt {str(prompt)[:30]}", "/v1/completions", {**completions, "prompt": prompt})
@@ -232,6 +233,74 @@ def _hostile_bodies() -> list[tuple[str, str, bytes]]:
 
 
 @pytest.mark.timeout(1200)  # ~700 requests: 470 s were seen with the 2 cores shared by another full run
+def _nested_schema(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _add_grammar_cases(add: Callable[[str, str, dict[str, Any] | bytes], None]) -> None:
+    """Structured outputs and tools: hostile schemas and grammars are a 400 naming the field, or served; never a 5xx."""
+    chat, completions = _valid("/v1/chat/completions"), _valid("/v1/completions")
+    recursive = {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5000)}}
+    schemas = {
+        "recursive": recursive,
+        "deeply nested": _nested_schema(200),
+        "huge": huge,
+        "unsupported keywords": {"type": "object", "patternProperties": {"^x": {"type": "string"}}, "if": {}, "not": {}},
+        "contradictory": {"type": "integer", "minimum": 10, "maximum": 1},
+        "unknown type": {"type": "banana"},
+        "not an object": [1, 2],
+        "bad $ref": {"$ref": "#/nowhere"},
+        "bad pattern": {"type": "string", "pattern": "(unclosed"},
+    }
+    for name, schema in schemas.items():
+        response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        add(f"response_format {name}", "/v1/chat/completions", {**chat, "response_format": response_format})
+        add(f"structured_outputs json {name}", "/v1/completions", {**completions, "structured_outputs": {"json": schema}})
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        add(f"tool parameters {name}", "/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "required"})
+    for extra in (
+        {"regex": "(unclosed"},
+        {"regex": "a{1000000}"},
+        {"grammar": "root ::= undefined_rule"},
+        {"grammar": "x" * 70_000},
+        {"choice": []},
+        {"choice": [1, 2]},
+        {"json": "{not json"},
+        {"regex": "a", "choice": ["a"]},
+        {"structural_tag": "{}"},
+        {},
+    ):
+        add(f"structured_outputs {str(extra)[:40]}", "/v1/chat/completions", {**chat, "structured_outputs": extra})
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    broken_call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}
+    for name, fields in {
+        "response_format of an unknown type": {"response_format": {"type": "xml"}},
+        "json_schema without a schema": {"response_format": {"type": "json_schema"}},
+        "tool_choice naming an unknown function": {
+            "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        "tool_choice required without tools": {"tool_choice": "required"},
+        "tool without a name": {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+        "10,000 tools": {"tools": [tool] * 10_000},
+        "tool message without tool_call_id": {"messages": [{"role": "tool", "content": "x"}]},
+        "assistant tool_calls with broken arguments": {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [broken_call],
+                },
+            ]
+        },
+    }.items():
+        add(name, "/v1/chat/completions", {**chat, **fields})
+
+
 def test_hostile_requests_get_4xx_envelopes_never_5xx(server: Server) -> None:
     cases = _hostile_bodies()
     statuses: Counter[int] = Counter()
