@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import signal
 
+import httpx
 import openai
 import pytest
 
@@ -59,6 +62,41 @@ def test_two_ranks_serve_the_same_text_and_sigterm_stops_them(
     assert texts[1] and texts[2] == texts[1]
     assert children, "no worker process was started"
     wait_until(lambda: all(_has_exited(pid) for pid in children), "every rank to exit after SIGTERM", BOUND_S)
+
+
+def _rank_workers(pid: int) -> set[int]:
+    """The spawned rank processes among `pid`'s children (not multiprocessing's resource tracker)."""
+    return {child for child in _children(pid) if b"spawn_main" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes()}
+
+
+def test_a_killed_rank_fails_the_stream_turns_health_503_and_leaves_nothing(
+    tmp_path: pathlib.Path, tiny_mistral_dir: pathlib.Path, embedded_model_dir: pathlib.Path
+) -> None:
+    assert embedded_model_dir.is_dir()  # the tiny model borrows its tokenizer
+    model = str(tiny_mistral_dir)
+    settings = {"SIROCCO_MODEL": model, "SIROCCO_MAX_MODEL_LEN": "512", "SIROCCO_TENSOR_PARALLEL_SIZE": "2"}
+    server = ServerProcess(tmp_path / "server.log", settings)
+    children: set[int] = set()
+    data: list[str] = []
+    try:
+        server.wait_ready()
+        children = _children(server.process.pid)
+        (rank,) = _rank_workers(server.process.pid)
+        body = {"model": model, "prompt": "Hello there", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=BOUND_S) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    data.append(line.removeprefix("data: "))
+                    if len(data) == 2:
+                        os.kill(rank, signal.SIGKILL)  # mid-generation
+        health = httpx.get(f"{server.base_url}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead", health.text
+        assert "rank 1" in server.log(), server.log()[-3000:]  # the log names the rank and why
+    finally:
+        server.stop()
+    assert "[DONE]" not in data, data[-3:]
+    assert json.loads(data[-1])["error"]["code"] == "engine_dead", data[-1]  # the stream ended with one error event
+    wait_until(lambda: all(_has_exited(pid) for pid in children), "every child process to exit", BOUND_S)
 
 
 @pytest.fixture(autouse=True)
