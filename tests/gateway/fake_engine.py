@@ -70,6 +70,10 @@ class FakeEngine:
         self.aborted.append(request_id)
         self.running.discard(request_id)
 
+    def shutdown(self) -> None:
+        """Like AsyncEngine.shutdown: the engine stops and later requests fail as with a dead engine."""
+        self.is_alive = False
+
     def decode(self, token_ids: list[int]) -> str:
         return "".join(f"<{token_id}>" for token_id in token_ids)
 

@@ -18,6 +18,7 @@ from gateway.__main__ import DrainingServer
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.startup import StartupError, bind_socket, check_settings, parse_settings, warn_unknown_environment
+from tests.conditions import wait_until
 
 
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,13 +138,19 @@ def test_sigterm_drains_until_nothing_is_in_flight() -> None:
     assert asyncio.run(server.on_tick(2)) is True
 
 
-def test_drain_timeout_ends_the_drain() -> None:
-    app = create_app(Settings(drain_timeout_s=0), FakeEngine())  # type: ignore[arg-type]
+def test_drain_timeout_stops_the_engine_then_ends_the_drain() -> None:
+    """At the timeout the engine stops (pending streams end with an error event); the server exits once they have."""
+    engine = FakeEngine()
+    app = create_app(Settings(drain_timeout_s=0), engine)  # type: ignore[arg-type]
     state = app.state.gateway
     server = DrainingServer(uvicorn.Config(app), state)
     state.num_in_flight = 3
     server.handle_exit(signal.SIGTERM, None)
-    assert asyncio.run(server.on_tick(1)) is True
+    asyncio.run(server.on_tick(1))
+    assert not server.should_exit  # the streams get to send their error event first
+    wait_until(lambda: not engine.is_alive, "the engine to be stopped at the drain timeout", 30)
+    state.num_in_flight = 0
+    assert asyncio.run(server.on_tick(2)) is True
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
