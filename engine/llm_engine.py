@@ -359,5 +359,5 @@ def _free_cuda_bytes(config: EngineConfig, device: torch.device) -> int | None:
         return None
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    activation_reserve = 2 << 30  # TODO(#6): measure with a profiling pass
+    activation_reserve = 2 << 30  # TODO(#11): measure with a profiling pass
     return max(0, int(total * config.gpu_memory_utilization) - used - activation_reserve)

@@ -8,8 +8,9 @@ gather + SDPA 46-85 ms, this kernel 29 ms.
 
 Built once per source, flags and compiler into <cache_dir>/kernels with gcc (an atomic rename makes concurrent builds
 safe), loaded with ctypes. Without gcc, off Linux, without torch's libgomp, or when the build fails, load_decode_kernel
-returns None and the engine keeps the reference path (and says so in the log). A departure from DESIGN.md's "torch
-reference on CPU", kept behind that fallback; tests/engine/test_cpu_attention.py checks it against the reference.
+returns None and the engine keeps the reference path (and says so in the log). On CPU the engine thus runs compiled C
+rather than the plain PyTorch reference, which stays as the fallback; tests/engine/test_cpu_attention.py checks one
+against the other.
 """
 
 from __future__ import annotations
