@@ -211,8 +211,6 @@ class AsyncEngine:
                     for request_id, exc in result.failed:
                         items.append((request_id, RequestFailedError(f"request failed in the engine: {exc}")))
                     self._deliver_all(items)
-                else:
-                    self._stats = self.engine.stats()
         except BaseException as exc:  # the loop itself died: nobody pending may hang
             logger.exception("engine loop died")
             self._error = f"engine loop died: {exc!r}"

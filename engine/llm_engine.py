@@ -147,7 +147,7 @@ class LLMEngine:
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Tokenize and check a prompt, compile its grammar; raises InvalidRequestError. Any thread may call it."""
         prompt_ids = self.tokenize(prompt)
-        self._check_prompt(prompt_ids, params)
+        check_prompt(prompt_ids, params, self.vocab_size, self.max_model_len)
         if params.structured_outputs is not None:  # compiled (and cached) here, off the loop thread under AsyncEngine
             self.structured.compile(params.structured_outputs)
         return prompt_ids
@@ -179,9 +179,6 @@ class LLMEngine:
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.num_prompt_tokens += len(prompt_ids)
-
-    def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        check_prompt(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
