@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
 import time
 from typing import Any
@@ -12,13 +11,12 @@ from typing import Any
 import torch
 import transformers
 
+from engine.threads import num_usable_cpus
+
 
 def num_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """CPU cores this process may run on (its affinity, capped by a cgroup CPU quota): the engine's own count."""
+    return num_usable_cpus()
 
 
 def set_threads() -> int:

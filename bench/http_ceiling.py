@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.common import emit
+from bench.common import emit, num_cores
 from bench.engine_stand_ins import PacedCore, ZeroCostEngine, paced_engine
 from engine import EngineConfig, SamplingParams
 
@@ -286,7 +286,7 @@ async def measure(
 def _machine() -> dict[str, object]:
     return {
         "cpu": platform.processor() or platform.machine(),
-        "num_cores": len(os.sched_getaffinity(0)),
+        "num_cores": num_cores(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
     }
