@@ -1,5 +1,20 @@
-"""A real `sirocco serve` in a subprocess on a free loopback port, serving the embedded model; one per test module."""
+"""A real `sirocco serve` in a subprocess on a free loopback port, serving the embedded model; one per test module.
+
+Each module defines its own module-scoped `server` fixture (with its own settings); `client` is the official SDK
+pointed at it.
+"""
+
+from collections.abc import Iterator
+
+import openai
+import pytest
 
 from tests.server import MODEL, REPO_ROOT, ServerProcess, free_port, start_server
 
 __all__ = ["MODEL", "REPO_ROOT", "ServerProcess", "free_port", "start_server"]
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as sync_client:
+        yield sync_client

@@ -23,12 +23,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib
     yield from start_server(tmp_path_factory, embedded_model_dir, SIROCCO_MAX_BODY_BYTES="65536")
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as sync_client:
-        yield sync_client
-
-
 def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
     """A fresh AsyncOpenAI (made inside the event loop of the test's asyncio.run)."""
     return openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)

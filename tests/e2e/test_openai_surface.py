@@ -23,12 +23,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib
     yield from start_server(tmp_path_factory, embedded_model_dir)
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as sync_client:
-        yield sync_client
-
-
 def test_model_card(client: openai.OpenAI) -> None:
     card = client.models.retrieve(MODEL)
     assert (card.id, card.object, card.owned_by) == (MODEL, "model", "sirocco")

@@ -76,12 +76,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib
     yield from start_server(tmp_path_factory, embedded_model_dir)
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as sync_client:
-        yield sync_client
-
-
 def assert_still_serving(client: openai.OpenAI) -> None:
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1).choices[0].finish_reason == "length"
 
