@@ -97,6 +97,11 @@ def write_checkpoint(
     return out_dir
 
 
+def default_work_dir(smoke: bool) -> Path:
+    """Where the checkpoint is written when --work-dir is not given (bench.gpu_serve reads it from there too)."""
+    return Path(tempfile.gettempdir()) / f"sirocco-bench-{'smoke' if smoke else '7b'}"
+
+
 # --- measurements -----------------------------------------------------------------------------------------------
 
 
@@ -233,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         set_threads()
     shapes = SHAPES_SMOKE if args.smoke else SHAPES_7B
-    default_dir = Path(tempfile.gettempdir()) / f"sirocco-bench-{'smoke' if args.smoke else '7b'}"
-    work_dir = Path(args.work_dir) if args.work_dir else default_dir
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.smoke)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     start_s = time.perf_counter()

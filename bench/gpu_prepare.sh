@@ -17,6 +17,15 @@ sha256sum "$gguf" | cut -d' ' -f1 >.gpu/b/smol.sha256
 pip download --quiet --no-deps --dest .gpu/b gguf==0.19.0
 pip download --quiet --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" \
   --platform manylinux_2_28_x86_64 --dest .gpu/b xgrammar==0.2.9 apache-tvm-ffi
+# The server's own dependencies, for bench/gpu_serve.py (`sirocco serve` on the GPU): the GPU image has none of these
+# but anyio, h11 and click; the versions are this checkout's.
+ver() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+pip download --quiet --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --dest .gpu/a \
+  "starlette==$(ver starlette)" "uvicorn==$(ver uvicorn)" "sse-starlette==$(ver sse-starlette)" \
+  "pydantic==$(ver pydantic)" "pydantic-core==$(ver pydantic-core)" "pydantic-settings==$(ver pydantic-settings)" \
+  "python-dotenv==$(ver python-dotenv)" "annotated-types==$(ver annotated-types)" \
+  "typing-inspection==$(ver typing-inspection)" "typing-extensions==$(ver typing-extensions)"
 tok=$(python -c 'from engine.embedded import embedded_model_dir; print(embedded_model_dir(".cache/sirocco"))')
 cp "$tok/tokenizer.json" "$tok/tokenizer_config.json" .gpu/b/tokenizer/
 du -sh .gpu/a .gpu/b

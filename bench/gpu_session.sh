@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root, after bench/gpu_prepare.sh filled .gpu: correctness first
 # (tests/engine/test_cuda.py: compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the
-# Mistral-7B-shape benchmark (bench/gpu.py). Logs and JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments
-# go to bench/gpu.py. Works offline: the embedded model's GGUF is put back together from .gpu's two halves and gguf is
-# installed from its wheel into /tmp/site, as are xgrammar and apache-tvm-ffi; the machine needs the other dependencies (pyproject.toml) and pytest.
+# Mistral-7B-shape benchmark (bench/gpu.py), then served against engine-only (bench/gpu_serve.py). Logs and JSON lines
+# land in $OUT (default /tmp/sirocco-gpu); extra arguments go to bench/gpu.py. Works offline: the embedded model's GGUF
+# is put back together from .gpu's two halves, and the wheels .gpu carries (gguf, xgrammar, apache-tvm-ffi, the
+# server's starlette/uvicorn/sse-starlette/pydantic stack) are installed into /tmp/site; the GPU image has the rest.
 set -u
 OUT=${OUT:-/tmp/sirocco-gpu}
 mkdir -p "$OUT"
@@ -17,16 +18,32 @@ if [ "$(sha256sum "$gguf" | cut -d' ' -f1)" != "$(cat .gpu/b/smol.sha256)" ]; th
   echo "embedded GGUF incomplete: the embedded-model tests will fail" | tee "$OUT/gguf-missing.txt"
 fi
 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/gguf-*.whl .gpu/b/xgrammar-*.whl \
-  .gpu/b/apache_tvm_ffi-*.whl
+  .gpu/b/apache_tvm_ffi-*.whl .gpu/a/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 
 set -o pipefail
-start=$(date +%s)
-timeout 200 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
-echo "pytest exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/pytest-cuda.log"
+# PHASES picks what runs (default all, in this order); each phase has its own timeout, 560 s together, so one device call
+# of at most 600 s holds them all. bench.gpu writes the 7B-shape checkpoint that bench.gpu_serve then serves.
+PHASES=${PHASES:-tests,bench,serve}
+phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
-start=$(date +%s)
-timeout 330 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
-  --num-requests 1000 --deadline-s 90 --hf-requests 16 "$@" 2>&1 | tee "$OUT/bench.log"
-echo "bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/bench.log"
+if phase tests; then
+  start=$(date +%s)
+  timeout 150 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
+  echo "pytest exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/pytest-cuda.log"
+fi
+
+if phase bench; then
+  start=$(date +%s)
+  timeout 250 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
+    --num-requests 1000 --deadline-s 90 --hf-requests 16 "$@" 2>&1 | tee "$OUT/bench.log"
+  echo "bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/bench.log"
+fi
+
+if phase serve; then  # served through `sirocco serve` against engine-only, thread and engine-process layouts
+  start=$(date +%s)
+  timeout 160 $PY -m bench.gpu_serve --model /tmp/sirocco-7b --out "$OUT/gpu.jsonl" --log-dir "$OUT" 2>&1 |
+    tee "$OUT/serve.log"
+  echo "serve exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/serve.log"
+fi
