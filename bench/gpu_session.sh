@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root, after bench/gpu_prepare.sh filled .gpu: correctness first
 # (tests/engine/test_cuda.py: compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the
-# Mistral-7B-shape benchmark (bench/gpu.py). Logs and JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments
-# go to bench/gpu.py. Works offline: the embedded model's GGUF is put back together from .gpu's two halves and gguf is
-# installed from its wheel into /tmp/site, as are xgrammar and apache-tvm-ffi; the machine needs the other dependencies (pyproject.toml) and pytest.
+# attention kernel micro-benchmark (bench/attention.py), then the Mistral-7B-shape benchmark (bench/gpu.py). Logs and
+# JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments go to bench/gpu.py. Works offline: the embedded
+# model's GGUF is put back together from .gpu's two halves and gguf is installed from its wheel into /tmp/site, as are
+# xgrammar and apache-tvm-ffi; the machine needs the other dependencies (pyproject.toml) and pytest.
 set -u
 OUT=${OUT:-/tmp/sirocco-gpu}
 mkdir -p "$OUT"
@@ -25,6 +26,10 @@ set -o pipefail
 start=$(date +%s)
 timeout 200 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
 echo "pytest exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/pytest-cuda.log"
+
+start=$(date +%s)
+timeout 120 $PY -m bench.attention --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.log"
+echo "attention bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/attention.log"
 
 start=$(date +%s)
 timeout 330 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
