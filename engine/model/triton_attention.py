@@ -239,8 +239,8 @@ def paged_attention(
     """Attention of a mixed step (this step's K/V already written) -> [num_tokens, num_heads, head_dim].
 
     Sequences with one query run in the decode kernel, the others in the prefill kernel. Launch shapes depend only on
-    tensor shapes, max_query_len and the optional max_seq_len hint (the longest seq_len, known on the eager path; leave
-    it None under CUDA-graph capture, and the decode split is chosen by batch size alone), so a pure-decode call
+    tensor shapes, max_query_len and the optional max_seq_len hint (the longest seq_len, known on the eager path; None
+    or 0, the placeholder of CUDA-graph capture, leaves the decode split to the batch size alone), so a pure-decode call
     (max_query_len 1) can be captured in a CUDA graph. num_splits forces the decode split (tests, benchmarks).
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -285,6 +285,7 @@ def paged_attention(
         _prefill_kernel[grid](
             out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
             GROUP=group, BLOCK_ROWS=block_rows, BLOCK_Q=block_q, BLOCK_N=prefill_block_n, **common,
+            num_warps=4 if block_rows * head_dim_pad <= 64 * 128 else 8,  # a 128 x 128 fp32 accumulator spills on 4 warps
         )  # fmt: skip
     return out
 
@@ -317,8 +318,8 @@ def choose_num_splits(num_programs: int, num_sms: int, num_key_tiles: int | None
 
 
 def _num_key_tiles(max_seq_len: int | None, sliding_window: int | None, tile: int) -> int | None:
-    """Key tiles the longest decode reads (a window caps them; +1 as its first tile need not be aligned)."""
-    if max_seq_len is None:
+    """Key tiles the longest decode reads (a window caps them; +1 as its first tile need not be aligned); None unknown."""
+    if not max_seq_len:
         return None
     if sliding_window is not None and max_seq_len > sliding_window:
         return triton.cdiv(sliding_window, tile) + 1
