@@ -74,6 +74,7 @@ CASES = [
         prefill_block_rows=64,
     ),
     Case("group_4_chunk_window", (29, 1), (50, 70), num_heads=8, num_kv_heads=2, sliding_window=20),
+    Case("group_4_rows_128", (20,), (12,), num_heads=8, num_kv_heads=2, head_dim=128, prefill_block_rows=128),  # 8 warps
     Case("group_4_block_size_8", (1, 26), (61, 9), num_heads=8, num_kv_heads=2, block_size=8, sliding_window=13),
     # Decode splits over short and long contexts: most of a short context's splits are empty.
     Case("splits_short_and_long", (1, 1, 1), (1, 14, 200), num_splits=8),
