@@ -298,7 +298,9 @@ def prefill_rows(group: int, block_rows: int) -> tuple[int, int]:
 
 
 MAX_SPLITS = 16
-MIN_TILES_PER_SPLIT = 4  # below this many key tiles a split saves less than the partials and the reduce pass cost
+# A split saves (tiles - tiles / splits) serial tile loads per program and costs the reduce pass (a launch, roughly the
+# time of a couple of tile loads); more splits cost little more (partials are tiny), so the floor is small.
+MIN_TILES_PER_SPLIT = 2
 
 
 def choose_num_splits(num_programs: int, num_sms: int, num_key_tiles: int | None = None) -> int:

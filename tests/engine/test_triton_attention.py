@@ -80,7 +80,7 @@ CASES = [
     Case("splits_short_and_long", (1, 1, 1), (1, 14, 200), num_splits=8),
     Case("splits_16_window", (1, 1), (5, 250), sliding_window=60, num_splits=16),
     # Padded rows after real ones, as a replayed CUDA graph has them.
-    Case("decode_chosen_splits", (1, 1), (20, 300), num_splits=0),  # on a GPU: 4 splits (19 tiles)
+    Case("decode_chosen_splits", (1, 1), (20, 300), num_splits=0),  # on an H200: 8 splits (19 tiles)
     Case("decode_padded_splits", (1, 1), (20, 90), num_padded=5, num_splits=4),
     Case("mixed_padded", (1, 12, 1), (40, 18, 7), num_heads=6, num_kv_heads=2, num_padded=2, num_splits=2),
 ]
