@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root, after bench/gpu_prepare.sh filled .gpu: correctness first
 # (tests/engine/test_cuda.py: compiled Triton kernels and CUDA greedy outputs against the CPU reference), then the
-# Mistral-7B-shape benchmark (bench/gpu.py), then served against engine-only (bench/gpu_serve.py). Logs and JSON lines
-# land in $OUT (default /tmp/sirocco-gpu); extra arguments go to bench/gpu.py. Works offline: the embedded model's GGUF
+# attention kernels alone (bench/attention.py), the Mistral-7B-shape benchmark (bench/gpu.py), then served against
+# engine-only (bench/gpu_serve.py). Logs and JSON lines land in $OUT (default /tmp/sirocco-gpu); extra arguments go to bench/gpu.py. Works offline: the embedded model's GGUF
 # is put back together from .gpu's two halves, and the wheels .gpu carries (gguf, xgrammar, apache-tvm-ffi, the
 # server's starlette/uvicorn/sse-starlette/pydantic stack) are installed into /tmp/site; the GPU image has the rest.
 set -u
@@ -23,20 +23,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 
 set -o pipefail
-# PHASES picks what runs (default all, in this order); each phase has its own timeout, 560 s together, so one device call
+# PHASES picks what runs (default all, in this order); each phase has its own timeout, 580 s together, so one device call
 # of at most 600 s holds them all. bench.gpu writes the 7B-shape checkpoint that bench.gpu_serve then serves.
-PHASES=${PHASES:-tests,bench,serve}
+PHASES=${PHASES:-tests,kernels,bench,serve}
 phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if phase tests; then
   start=$(date +%s)
-  timeout 150 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
+  timeout 130 $PY -m pytest tests/engine/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log"
   echo "pytest exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/pytest-cuda.log"
+fi
+
+if phase kernels; then  # attention kernels alone: GQA prefill against the per-head kernel and SDPA, decode splits
+  start=$(date +%s)
+  timeout 60 $PY -m bench.attention --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.log"
+  echo "attention bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/attention.log"
 fi
 
 if phase bench; then
   start=$(date +%s)
-  timeout 250 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
+  timeout 230 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
     --num-requests 1000 --deadline-s 90 --hf-requests 16 "$@" 2>&1 | tee "$OUT/bench.log"
   echo "bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/bench.log"
 fi

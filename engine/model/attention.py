@@ -58,9 +58,12 @@ def paged_attention(
         from engine.model import triton_attention
 
         max_query_len = max(meta.query_lens_cpu)
+        tables = meta.block_tables
+        # max_seq_len sizes the decode splits by context too; 0 (CUDA-graph capture) leaves them to the batch size
         return triton_attention.paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, max_query_len, scale, sliding_window
-        )
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, tables, max_query_len, scale, sliding_window,
+            max_seq_len=meta.max_seq_len,
+        )  # fmt: skip
     out = torch.empty_like(q)
     decode_rows = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
     if decode_rows and meta.cpu_decode_kernel is not None and q.dtype == torch.float32:

@@ -3,6 +3,7 @@
 Same contract as the reference there (tests compare them under TRITON_INTERPRET=1): key j is visible from query i when
 j <= i and, with a sliding window, i - window < j. fp32 accumulation, online softmax over tiles of keys gathered by block
 table. For CUDA-graph padding: a slot < 0 is not written, and a sequence with seq_len 0 reads nothing and outputs zeros.
+Both attention kernels give one program all the query heads of one KV head (GQA), so each K/V tile is read once per KV head.
 """
 
 from __future__ import annotations
@@ -153,36 +154,42 @@ def _prefill_kernel(
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_tok, stride_c_head, stride_bt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M queries of one prefill chunk, one head, over the cached prefix and the chunk (causal)."""
+    """One program: BLOCK_Q queries of one prefill chunk x the GROUP query heads sharing one KV head, over the cached
+    prefix and the chunk (causal). The pairs are flattened to BLOCK_ROWS rows, row r = (query r // GROUP, head
+    kv_head * GROUP + r % GROUP), so each K/V tile is loaded once for the whole group; rows from BLOCK_Q * GROUP on
+    are padding (GROUP not a power of two)."""
     seq = tl.program_id(0)
     m_block = tl.program_id(1)
-    head = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len  # keys cached before this chunk
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_q = m_block * BLOCK_Q  # the program's first query, within the chunk
+    rows = tl.arange(0, BLOCK_ROWS)
+    offs_m = first_q + rows // GROUP  # [BLOCK_ROWS] query of each row, within the chunk
+    heads = kv_head * GROUP + rows % GROUP  # [BLOCK_ROWS]
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
-    has_rows = (query_len > 1) & (m_block * BLOCK_M < query_len)  # decode rows belong to the decode kernel
-    m_mask = offs_m < tl.where(query_len > 1, query_len, 0)
-    q_pos = context_len + offs_m  # [BLOCK_M]
+    has_rows = (query_len > 1) & (first_q < query_len)  # decode rows belong to the decode kernel
+    m_mask = (rows < BLOCK_Q * GROUP) & (offs_m < tl.where(query_len > 1, query_len, 0))
+    q_pos = context_len + offs_m  # [BLOCK_ROWS]
     q = tl.load(
-        q_ptr + (q_start + offs_m)[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+        q_ptr + (q_start + offs_m)[:, None] * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-    )  # [BLOCK_M, HEAD_DIM_PAD]  # fmt: skip
-    hi = tl.where(has_rows, tl.minimum(seq_len, context_len + (m_block + 1) * BLOCK_M), 0)  # past the tile's last query
+    )  # [BLOCK_ROWS, HEAD_DIM_PAD]  # fmt: skip
+    hi = tl.where(has_rows, tl.minimum(seq_len, context_len + first_q + BLOCK_Q), 0)  # past the program's last query
     lo = 0
     if USE_WINDOW:
-        lo = tl.maximum(context_len + m_block * BLOCK_M - window + 1, 0)  # the tile's first query's first key
+        lo = tl.maximum(context_len + first_q - window + 1, 0)  # the program's first query's first key
         lo = (lo // BLOCK_N) * BLOCK_N
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    m_i = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_ROWS], tl.float32)
+    acc = tl.zeros([BLOCK_ROWS, HEAD_DIM_PAD], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n  # [BLOCK_N]
         in_seq = k_pos < seq_len
@@ -196,7 +203,7 @@ def _prefill_kernel(
         kv_mask = in_seq[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_ROWS, BLOCK_N], log2 units
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         if USE_WINDOW:
             visible &= k_pos[None, :] > q_pos[:, None] - window
@@ -209,7 +216,7 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_offs = (q_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :]
+    o_offs = (q_start + offs_m)[:, None] * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -224,14 +231,17 @@ def paged_attention(
     scale: float,
     sliding_window: int | None,
     num_splits: int | None = None,
+    max_seq_len: int | None = None,
     decode_tile: int = 64,
-    prefill_block_m: int = 64,
+    prefill_block_rows: int = 64,
     prefill_block_n: int = 64,
 ) -> torch.Tensor:
     """Attention of a mixed step (this step's K/V already written) -> [num_tokens, num_heads, head_dim].
 
     Sequences with one query run in the decode kernel, the others in the prefill kernel. Launch shapes depend only on
-    tensor shapes and max_query_len, so a pure-decode call (max_query_len 1) can be captured in a CUDA graph.
+    tensor shapes, max_query_len and the optional max_seq_len hint (the longest seq_len, known on the eager path; None
+    or 0, the placeholder of CUDA-graph capture, leaves the decode split to the batch size alone), so a pure-decode call
+    (max_query_len 1) can be captured in a CUDA graph. num_splits forces the decode split (tests, benchmarks).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -251,7 +261,9 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         USE_WINDOW=sliding_window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    splits = num_splits or _num_splits(q.device, num_seqs * num_kv_heads)
+    splits = num_splits or _num_splits(
+        q.device, num_seqs * num_kv_heads, _num_key_tiles(max_seq_len, sliding_window, decode_tile)
+    )
     if splits > 1:
         m_part = torch.empty(num_seqs, num_heads, splits, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
@@ -268,19 +280,57 @@ def paged_attention(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
         )  # fmt: skip
     if max_query_len > 1:
-        grid = (num_seqs, triton.cdiv(max_query_len, prefill_block_m), num_heads)
+        block_rows, block_q = prefill_rows(group, prefill_block_rows)
+        grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
         _prefill_kernel[grid](
             out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-            GROUP=group, BLOCK_M=prefill_block_m, BLOCK_N=prefill_block_n, **common,
+            GROUP=group, BLOCK_ROWS=block_rows, BLOCK_Q=block_q, BLOCK_N=prefill_block_n, **common,
+            num_warps=4 if block_rows * head_dim_pad <= 64 * 128 else 8,  # a 128 x 128 fp32 accumulator spills on 4 warps
         )  # fmt: skip
     return out
 
 
-def _num_splits(device: torch.device, num_programs: int) -> int:
-    """Split each decode's keys when (sequences x KV heads) would leave most SMs idle (flash-decoding); 1 off CUDA."""
+def prefill_rows(group: int, block_rows: int) -> tuple[int, int]:
+    """(rows, queries) of one prefill program: a power-of-two tile of at least 16 rows (tl.dot) and of the group, holding
+    rows // group queries x group heads; with a group that is not a power of two the last rows are padding."""
+    rows = max(16, triton.next_power_of_2(block_rows), triton.next_power_of_2(group))
+    return rows, rows // group
+
+
+MAX_SPLITS = 16
+# A split saves (tiles - tiles / splits) serial tile loads per program and costs the reduce pass (a launch, roughly the
+# time of a couple of tile loads); more splits cost little more (partials are tiny), so the floor is small.
+MIN_TILES_PER_SPLIT = 2
+
+
+def choose_num_splits(num_programs: int, num_sms: int, num_key_tiles: int | None = None) -> int:
+    """Flash-decoding splits of each decode's keys, a power of two in 1..MAX_SPLITS (the reduce kernel's arange).
+
+    By batch: split only when the (sequence x KV head) programs would leave SMs idle, up to about two waves. By context,
+    when the longest context's key tiles are known: no fewer than MIN_TILES_PER_SPLIT tiles per split, so short contexts
+    are not split for nothing. Without num_key_tiles (CUDA-graph capture) the batch rule alone decides.
+    """
+    if num_programs >= num_sms:
+        return 1
+    splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(2 * num_sms, num_programs)))
+    if num_key_tiles is not None:
+        by_context = max(1, num_key_tiles // MIN_TILES_PER_SPLIT)
+        splits = min(splits, 1 << (by_context.bit_length() - 1))  # the power of two at or below
+    return splits
+
+
+def _num_key_tiles(max_seq_len: int | None, sliding_window: int | None, tile: int) -> int | None:
+    """Key tiles the longest decode reads (a window caps them; +1 as its first tile need not be aligned); None unknown."""
+    if not max_seq_len:
+        return None
+    if sliding_window is not None and max_seq_len > sliding_window:
+        return triton.cdiv(sliding_window, tile) + 1
+    return triton.cdiv(max_seq_len, tile)
+
+
+def _num_splits(device: torch.device, num_programs: int, num_key_tiles: int | None) -> int:
+    """choose_num_splits with this GPU's SM count; 1 off CUDA."""
     if device.type != "cuda":
         return 1
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if num_programs >= num_sms:
-        return 1
-    return min(16, triton.next_power_of_2(triton.cdiv(2 * num_sms, num_programs)))
+    return choose_num_splits(num_programs, num_sms, num_key_tiles)
