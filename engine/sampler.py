@@ -5,6 +5,8 @@ Order: the grammar mask (structured outputs), logit_bias, min_tokens, repetition
 generator (a seeded request) draws from it, so it gets the same tokens whatever else is in the batch; rows without one
 share one batched draw. Python only reads the rows' params into index lists and small tensors once per step; no tensor
 op runs per row except a seeded row's draw. Logprobs are of the raw model distribution, as vLLM reports them.
+`sample()` only queues the work and returns device tensors (SampledTokens); its `result()` reads them back, the one
+point where the host waits for the device, so the engine can postprocess the previous step meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ class SamplerOutput:
 
 
 @dataclass(slots=True)
+class SampledTokens:
+    """One step's sampled tokens and logprobs, still on the device; result() reads them back (the host waits here)."""
+
+    token_ids: torch.Tensor  # [num_rows]
+    num_rows: int
+    logprob_rows: list[int] = field(default_factory=list)  # the rows that asked for logprobs
+    logprob_ks: list[int] = field(default_factory=list)  # top-k of each of those rows
+    sampled_logprobs: torch.Tensor | None = None  # [len(logprob_rows)], of the sampled token
+    top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), max k], best first
+    top_ids: torch.Tensor | None = None  # [len(logprob_rows), max k]
+
+    def result(self) -> SamplerOutput:
+        logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * self.num_rows
+        token_ids = self.token_ids.tolist()  # the sync: waits for the step's forward and sampling
+        if self.sampled_logprobs is not None and self.top_logprobs is not None and self.top_ids is not None:
+            sampled, values, ids = self.sampled_logprobs.tolist(), self.top_logprobs.tolist(), self.top_ids.tolist()
+            for j, (i, k) in enumerate(zip(self.logprob_rows, self.logprob_ks, strict=True)):
+                logprobs[i] = (sampled[j], ids[j][:k], values[j][:k])
+        return SamplerOutput(token_ids, logprobs)
+
+
+@dataclass(slots=True)
 class _RowGroups:
     """Indices of the rows that need each stage, read from their params in one pass."""
 
@@ -53,7 +77,12 @@ class Sampler:
         self._shared_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
-        """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py)."""
+        """sample() and wait for its result."""
+        return self.sample(logits, rows, token_mask).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SampledTokens:
+        """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py).
+        Queues the work on logits' device and returns without waiting for it."""
         groups = _group_rows(rows)
         raw_logprobs = None
         if groups.logprobs:
@@ -70,7 +99,7 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)  # [num_rows]
             if groups.random:
                 token_ids[groups.random] = self._sample(logits[groups.random], rows, groups.random)
-        return SamplerOutput(token_ids.tolist(), _logprobs(raw_logprobs, token_ids, rows, groups.logprobs))
+        return _sampled_tokens(raw_logprobs, token_ids, rows, groups.logprobs)
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
         """logits [len(idx), vocab] of rows[idx] -> one token id per row."""
@@ -163,17 +192,12 @@ def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_values)
 
 
-def _logprobs(
-    raw: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SampleRow], idx: list[int]
-) -> list[tuple[float, list[int], list[float]] | None]:
-    """raw: log-softmax [len(idx), vocab] of rows[idx]; token_ids [num_rows] the sampled tokens."""
-    result: list[tuple[float, list[int], list[float]] | None] = [None] * len(rows)
+def _sampled_tokens(raw: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> SampledTokens:
+    """raw: log-softmax [len(idx), vocab] of rows[idx]; token_ids [num_rows] the sampled tokens. No sync."""
+    out = SampledTokens(token_ids, len(rows))
     if raw is None:
-        return result
-    sampled = raw.gather(1, _take(token_ids, idx).unsqueeze(1)).squeeze(1).tolist()  # [len(idx)]
-    ks = [rows[i].params.logprobs or 0 for i in idx]
-    top_values, top_ids = raw.topk(max(ks), dim=-1)  # [len(idx), max k], best first
-    values, ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(idx):
-        result[i] = (sampled[j], ids[j][: ks[j]], values[j][: ks[j]])
-    return result
+        return out
+    out.logprob_rows, out.logprob_ks = idx, [rows[i].params.logprobs or 0 for i in idx]
+    out.sampled_logprobs = raw.gather(1, _take(token_ids, idx).unsqueeze(1)).squeeze(1)  # [len(idx)]
+    out.top_logprobs, out.top_ids = raw.topk(max(out.logprob_ks), dim=-1)  # [len(idx), max k], best first
+    return out
