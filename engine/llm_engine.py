@@ -97,6 +97,10 @@ class _Launched:
     sampling: list[int]
     handle: InFlight
 
+    @property
+    def has_live_seqs(self) -> bool:
+        return any(not seq.is_finished for seq in self.batch.seqs)
+
 
 @dataclass(slots=True)
 class StepResult:
@@ -230,7 +234,9 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        """Whether step() has work: a sequence to schedule, or a step in flight with a live sequence (a step whose
+        sequences all finished or were aborted meanwhile is dropped by the next step(), whenever that comes)."""
+        return self.scheduler.has_work or (self._in_flight is not None and self._in_flight.has_live_seqs)
 
     # --- one step ------------------------------------------------------------------------------------------
 
