@@ -37,6 +37,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks (processes) the model is split over; >1 starts ranks 1..N-1 as worker processes
     distributed_timeout_s: float = 120.0  # a tensor-parallel step collective not done by then fails the engine
     engine_process: bool = False  # True: the step loop runs in its own process (engine_core.py), not on a thread
+    # Postprocess step N-1 (detokenize, stop strings, deltas) while the device runs step N; None: on CUDA without tensor
+    # parallelism. On CPU the forward runs on the calling thread, so overlap would only delay each step's outputs.
+    async_output: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -1,8 +1,11 @@
 """LLMEngine: the synchronous core loop. add_request / step / abort; a step is schedule, run, postprocess.
 
-Postprocess appends each sampled token, detokenizes incrementally, applies stop rules (EOS, stop token ids,
-stop strings held back until they can no longer match, max_tokens, context length) and emits deltas. Logprobs entries
-describe exactly the text emitted: a stop token gets none, and an entry waits for its text (logprobs.py).
+Postprocess has two halves. The fast one appends each sampled token, advances the grammar and finishes choices by stop
+token, max_tokens or context length: all the next schedule and sampler read. The slow one detokenizes incrementally,
+applies stop strings (held back until they can no longer match) and emits deltas. With async output (on CUDA) the slow
+half of step N-1 runs while the device runs step N; a stop string then may end a choice whose next token is already in
+flight, and that token is dropped. Logprobs entries describe exactly the text emitted: a stop token gets none, and an
+entry waits for its text (logprobs.py).
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from engine.loader import check_max_model_len, load_model, read_model_config, re
 from engine.logprobs import HeldLogprobs, PromptLogprobs, PromptScore
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model.parallel import Partition
-from engine.model_runner import ModelRunner
+from engine.model_runner import InFlight, ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.prompts import Prompt, check_prompt, tokenize_prompt
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.structured import StructuredOutputManager
 from engine.threads import set_torch_threads
@@ -65,6 +68,38 @@ class _Request:
     @property
     def is_finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
+
+
+@dataclass(slots=True)
+class _Accepted:
+    """A token the fast postprocess took, waiting for the slow one (text, stop strings, logprobs entries, delta)."""
+
+    request: _Request
+    choice: _Choice
+    token_id: int | None  # None: a scoring-only request (max_tokens 0) whose prompt is done, nothing generated
+    logprobs: tuple | None
+    is_stop_token: bool
+
+
+@dataclass(slots=True)
+class _Finished:
+    """What the fast postprocess of one step leaves to the slow one."""
+
+    accepted: list[_Accepted] = field(default_factory=list)
+    prompt_scores: list[tuple[_Request, list[PromptScore]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Launched:
+    """The step in flight: what was scheduled, the batch indices that sample (in row order), the runner's handle."""
+
+    batch: ScheduledBatch
+    sampling: list[int]
+    handle: InFlight
+
+    @property
+    def has_live_seqs(self) -> bool:
+        return any(not seq.is_finished for seq in self.batch.seqs)
 
 
 @dataclass(slots=True)
@@ -123,6 +158,11 @@ class LLMEngine:
             seed=config.seed,
         )
         self.requests: dict[str, _Request] = {}
+        is_async_output = config.async_output
+        if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with
+            is_async_output = self.device.type == "cuda" and self.tp_group is None
+        self.is_async_output = is_async_output
+        self._in_flight: _Launched | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info(
@@ -181,6 +221,7 @@ class LLMEngine:
         self.num_prompt_tokens += len(prompt_ids)
 
     def abort(self, request_id: str) -> None:
+        """Forget a request; a token of it still in flight is dropped when its step is finished."""
         request = self.requests.pop(request_id, None)
         if request is not None:
             for choice in request.choices:
@@ -193,14 +234,28 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Whether step() has work: a sequence to schedule, or a step in flight with a live sequence (a step whose
+        sequences all finished or were aborted meanwhile is dropped by the next step(), whenever that comes)."""
+        return self.scheduler.has_work or (self._in_flight is not None and self._in_flight.has_live_seqs)
 
     # --- one step ------------------------------------------------------------------------------------------
 
     def step(self) -> StepResult:
+        """One step. With async output: finish the step in flight (wait for it, fast postprocess), launch the next one,
+        then the slow postprocess of the finished one while the device runs the next. Without: launch, finish, slow."""
+        failed: list[tuple[str, Exception]] = []
+        finished = self._finish_in_flight(failed)  # step N-1: everything step N's schedule and sampler read
+        self._launch(failed)  # step N: queued on the device, not waited for
+        if not self.is_async_output:
+            later = self._finish_in_flight(failed)
+            finished.accepted += later.accepted
+            finished.prompt_scores += later.prompt_scores
+        return StepResult(self._emit(finished, failed), failed)
+
+    def _launch(self, failed: list[tuple[str, Exception]]) -> None:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return StepResult([], [])
+            return
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_s is None:
@@ -210,40 +265,78 @@ class LLMEngine:
         ks = [self.requests[seq.request_id].params.prompt_logprobs if seq.is_scoring_prompt else None for seq in batch.seqs]
         try:
             token_mask = self.structured.fill_bitmask([self._choice(row.seq).matcher for row in rows])
-            out = self.runner.execute(batch, rows, ks, token_mask)
+            # Blocks freed while this step is in flight (a stop string, an abort) may be given to the next step's
+            # sequences: safe, because the device runs steps in stream order (and on CPU this call ran the forward).
+            handle = self.runner.launch(batch, rows, ks, token_mask)
         except RankFailedError:
             raise  # tensor-parallel ranks out of step: the engine cannot go on
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
             logger.exception("step failed")
-            return StepResult([], self._fail({seq.request_id for seq in batch.seqs}, exc))
-        sampled = out.sampled
+            failed.extend(self._fail({seq.request_id for seq in batch.seqs}, exc))
+            return
+        self._in_flight = _Launched(batch, sampling, handle)
+
+    def _finish_in_flight(self, failed: list[tuple[str, Exception]]) -> _Finished:
+        """Wait for the step in flight, if any, and run its fast postprocess. A sequence finished meanwhile (a stop
+        string in the previous step's text, an abort, a failure) is skipped: its result in this step is dropped."""
+        launched, self._in_flight = self._in_flight, None
+        finished = _Finished()
+        if launched is None:
+            return finished
+        batch = launched.batch
+        try:
+            out = launched.handle.result()
+        except RankFailedError:
+            raise
+        except Exception as exc:
+            logger.exception("step failed")
+            failed.extend(self._fail({seq.request_id for seq in batch.seqs if not seq.is_finished}, exc))
+            return finished
         for i, scores in out.prompt_scores.items():
-            self._record_prompt_scores(batch.seqs[i], scores)
+            if not batch.seqs[i].is_finished:
+                finished.prompt_scores.append((self.requests[batch.seqs[i].request_id], scores))
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += num_new
             seq.is_scoring_prompt = seq.is_scoring_prompt and seq.num_computed_tokens < seq.num_prompt_tokens
             self.block_manager.cache_full_blocks(seq)
-        touched: dict[str, _Request] = {}
-        failed: list[tuple[str, Exception]] = []
-        for j, i in enumerate(sampling):
+        sampled = out.sampled
+        for j, i in enumerate(launched.sampling):
             seq = batch.seqs[i]
+            if seq.is_finished:  # also every choice of a request failed earlier in this loop
+                continue
             request = self.requests[seq.request_id]
             try:
-                if request.max_tokens == 0:  # scoring only: the prompt is done, nothing is generated
-                    self._finish(request, request.choices[seq.index], "length")
-                else:
-                    self._append_token(request, request.choices[seq.index], sampled.token_ids[j], sampled.logprobs[j])
-            except Exception as exc:  # e.g. a tokenizer failure: this request only
+                token_id, logprobs = sampled.token_ids[j], sampled.logprobs[j]
+                finished.accepted.append(self._accept_token(request, request.choices[seq.index], token_id, logprobs))
+            except Exception as exc:  # e.g. a token outside the grammar: this request only
                 logger.exception("postprocess failed for request %s", seq.request_id)
                 failed.extend(self._fail({seq.request_id}, exc))
+        return finished
+
+    def _emit(self, finished: _Finished, failed: list[tuple[str, Exception]]) -> list[RequestOutput]:
+        """The slow postprocess of a finished step -> the outputs of the requests it touched."""
+        for request, scores in finished.prompt_scores:
+            if self._is_live(request):
+                assert request.prompt_logprobs is not None
+                request.prompt_logprobs.record(scores, request.prompt_token_ids, self.tokenizer.token_text)
+        touched: dict[str, _Request] = {}
+        for accepted in finished.accepted:
+            request = accepted.request
+            if not self._is_live(request):  # failed since its token was accepted
+                continue
+            try:
+                self._emit_token(accepted)
+            except Exception as exc:  # e.g. a tokenizer failure: this request only
+                logger.exception("postprocess failed for request %s", request.request_id)
+                failed.extend(self._fail({request.request_id}, exc))
                 continue
             touched[request.request_id] = request
-        return StepResult([self._collect(r) for r in touched.values() if r.request_id in self.requests], failed)
+        return [self._collect(r) for r in touched.values() if self._is_live(r)]
 
-    def _record_prompt_scores(self, seq: Sequence, scores: list[PromptScore]) -> None:
-        request = self.requests[seq.request_id]
-        assert request.prompt_logprobs is not None
-        request.prompt_logprobs.record(scores, request.prompt_token_ids, self.tokenizer.token_text)
+    def _is_live(self, request: _Request) -> bool:
+        return self.requests.get(request.request_id) is request
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         request = self.requests[seq.request_id]
@@ -253,47 +346,56 @@ class LLMEngine:
     def _choice(self, seq: Sequence) -> _Choice:
         return self.requests[seq.request_id].choices[seq.index]
 
-    def _append_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> None:
-        seq, params = choice.seq, request.params
+    def _accept_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> _Accepted:
+        """The fast postprocess of one sampled token: the token, the grammar, and finishing by stop token or length."""
+        if request.max_tokens == 0:  # scoring only: the prompt is done, nothing is generated
+            self._finish_choice(choice, "length")
+            return _Accepted(request, choice, None, None, False)
+        seq = choice.seq
         seq.token_ids.append(token_id)
         self.num_generation_tokens += 1
-        delta = request.deltas.setdefault(seq.index, CompletionOutput(seq.index))
-        delta.token_ids.append(token_id)
-        text = ""
         # The grammar saw every earlier output token; preemption recomputes KV but keeps them, so no rollback is needed.
         if choice.matcher is not None and not choice.matcher.accept_token(token_id):
             raise RuntimeError(f"token {token_id} does not fit the request's structured_outputs grammar (min_tokens?)")
         # A stop token, or the one that completes the grammar, ends the choice and is not part of its text.
         is_stop_token = token_id in request.stop_ids or (choice.matcher is not None and choice.matcher.is_terminated())
         if is_stop_token:
-            choice.finish_reason = "stop"
-            choice.stop_reason = None if token_id in self.tokenizer.eos_token_ids and not params.stop_token_ids else token_id
-        else:
-            text = choice.detokenizer.add(token_id)
-            if seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
-                choice.finish_reason = "length"
-        if choice.finish_reason is not None:
-            text += choice.detokenizer.flush()
-        if logprobs is not None and not is_stop_token:  # a stop token is not part of the text: no entry
-            choice.held_logprobs.add(self._token_logprobs(token_id, logprobs), text)
-        emitted, matched = choice.stop_matcher.feed(text)
-        if matched is not None:
-            choice.finish_reason, choice.stop_reason = "stop", matched
-        elif choice.finish_reason is not None:
-            emitted += choice.stop_matcher.flush()
-        delta.text += emitted
-        if params.logprobs is not None:
-            released = choice.held_logprobs.release(emitted, choice.finish_reason is not None, matched is not None)
-            delta.logprobs = (delta.logprobs or []) + released
-        if choice.finish_reason is not None:
-            self._finish(request, choice, choice.finish_reason)
+            is_eos = token_id in self.tokenizer.eos_token_ids and not request.params.stop_token_ids
+            choice.stop_reason = None if is_eos else token_id
+            self._finish_choice(choice, "stop")
+        elif seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
+            self._finish_choice(choice, "length")
+        return _Accepted(request, choice, token_id, logprobs, is_stop_token)
 
-    def _finish(self, request: _Request, choice: _Choice, reason: str) -> None:
-        choice.finish_reason = reason
+    def _emit_token(self, accepted: _Accepted) -> None:
+        """The slow postprocess of one accepted token: its text, stop strings, logprobs entries, into the delta."""
+        request, choice, token_id = accepted.request, accepted.choice, accepted.token_id
         delta = request.deltas.setdefault(choice.seq.index, CompletionOutput(choice.seq.index))
-        delta.finish_reason = reason
-        delta.stop_reason = choice.stop_reason
-        self.scheduler.finish(choice.seq)
+        if token_id is not None:
+            delta.token_ids.append(token_id)
+            text = "" if accepted.is_stop_token else choice.detokenizer.add(token_id)
+            if choice.finish_reason is not None:
+                text += choice.detokenizer.flush()
+            if accepted.logprobs is not None and not accepted.is_stop_token:  # a stop token is not part of the text
+                choice.held_logprobs.add(self._token_logprobs(token_id, accepted.logprobs), text)
+            emitted, matched = choice.stop_matcher.feed(text)
+            if matched is not None:  # the choice's next token may be in flight: _finish_in_flight drops it
+                choice.stop_reason = matched
+                self._finish_choice(choice, "stop")
+            elif choice.finish_reason is not None:
+                emitted += choice.stop_matcher.flush()
+            delta.text += emitted
+            if request.params.logprobs is not None:
+                released = choice.held_logprobs.release(emitted, choice.finish_reason is not None, matched is not None)
+                delta.logprobs = (delta.logprobs or []) + released
+        if choice.finish_reason is not None:
+            delta.finish_reason, delta.stop_reason = choice.finish_reason, choice.stop_reason
+
+    def _finish_choice(self, choice: _Choice, reason: str) -> None:
+        """Set the finish reason and free the choice's blocks at once (they may go to the very next step)."""
+        choice.finish_reason = reason
+        if not choice.seq.is_finished:
+            self.scheduler.finish(choice.seq)
 
     def _token_logprobs(self, token_id: int, logprobs: tuple) -> TokenLogprobs:
         sampled_lp, top_ids, top_lps = logprobs

@@ -30,14 +30,43 @@ class PromptScore:
     top_logprobs: list[float]
 
 
+@dataclass(slots=True)
+class _ScoredChunk:
+    """Up to MAX_SCORED_ROWS prompt positions scored on the device, not yet read back."""
+
+    owners: list[int]  # batch index of each row
+    positions: list[int]  # the prompt token each row scores
+    chosen: torch.Tensor  # [rows], logprob of the prompt token
+    top_logprobs: torch.Tensor  # [rows, max_k], best first
+    top_ids: torch.Tensor  # [rows, max_k]
+
+
+@dataclass(slots=True)
+class PendingPromptScores:
+    """One step's prompt scores, still on the device; result() reads them back (the host waits here)."""
+
+    ks: list[int | None]  # per batch index, as asked
+    chunks: list[_ScoredChunk] = field(default_factory=list)
+
+    def result(self) -> dict[int, list[PromptScore]]:
+        scores: dict[int, list[PromptScore]] = {}
+        for chunk in self.chunks:
+            chosen, values, ids = chunk.chosen.tolist(), chunk.top_logprobs.tolist(), chunk.top_ids.tolist()
+            for j, (owner, position) in enumerate(zip(chunk.owners, chunk.positions, strict=True)):
+                k = self.ks[owner] or 0
+                scores.setdefault(owner, []).append(PromptScore(position, chosen[j], ids[j][:k], values[j][:k]))
+        return scores
+
+
 def score_prompts(
     model: MistralForCausalLM,
     hidden: torch.Tensor,
     batch: ScheduledBatch,
     query_start_loc: list[int],
     ks: list[int | None],
-) -> dict[int, list[PromptScore]]:
+) -> PendingPromptScores:
     """Scores of the prompt tokens this step's chunks predict, by batch index, for the sequences whose k is not None.
+    Queued on hidden's device; read them with result().
 
     hidden: [num_tokens, hidden_size], the step's flat hidden states; the row at position p predicts token p + 1.
     """
@@ -53,21 +82,17 @@ def score_prompts(
             rows.append(query_start_loc[i] + p - start)
             owners.append(i)
             positions.append(p + 1)
-    scores: dict[int, list[PromptScore]] = {}
+    pending = PendingPromptScores(ks)
     for lo in range(0, len(rows), MAX_SCORED_ROWS):
         hi = min(lo + MAX_SCORED_ROWS, len(rows))
         index = torch.tensor(rows[lo:hi], dtype=torch.long, device=hidden.device)
         logprobs = torch.log_softmax(model.compute_logits(hidden[index]), dim=-1)  # [hi - lo, vocab]
         targets = [batch.seqs[owners[j]].token_ids[positions[j]] for j in range(lo, hi)]
-        chosen = logprobs.gather(1, torch.tensor(targets, device=hidden.device).unsqueeze(1)).squeeze(1).tolist()
+        chosen = logprobs.gather(1, torch.tensor(targets, device=hidden.device).unsqueeze(1)).squeeze(1)  # [hi - lo]
         max_k = max(ks[owners[j]] or 0 for j in range(lo, hi))
         top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [hi - lo, max_k]
-        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-        for j in range(lo, hi):
-            k = ks[owners[j]] or 0
-            score = PromptScore(positions[j], chosen[j - lo], top_ids_list[j - lo][:k], top_values_list[j - lo][:k])
-            scores.setdefault(owners[j], []).append(score)
-    return scores
+        pending.chunks.append(_ScoredChunk(owners[lo:hi], positions[lo:hi], chosen, top_values, top_ids))
+    return pending
 
 
 class PromptLogprobs:

@@ -3,6 +3,8 @@
 Logits are computed only at the positions that sample (the last token of each sequence that reaches its end), and at
 every prompt position of sequences that ask for prompt logprobs (logprobs.py scores those).
 On CUDA, unless enforce_eager, pure-decode steps replay CUDA graphs (cuda_graphs.py) instead of running eagerly.
+launch() queues a step on the device and returns an InFlight handle of device tensors; InFlight.result() reads them
+back, the one point where the host waits for the device. execute() is both in one call.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import torch
 
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TensorParallelGroup
-from engine.logprobs import PromptScore, score_prompts
+from engine.logprobs import PendingPromptScores, PromptScore, score_prompts
 from engine.model.attention import AttentionMetadata
 from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
-from engine.sampler import Sampler, SamplerOutput, SampleRow
+from engine.sampler import SampledTokens, Sampler, SamplerOutput, SampleRow
 from engine.scheduler import ScheduledBatch
 from engine.structured import TokenBitmask
 
@@ -26,6 +28,19 @@ from engine.structured import TokenBitmask
 class RunnerOutput:
     sampled: SamplerOutput
     prompt_scores: dict[int, list[PromptScore]] = field(default_factory=dict)  # batch index -> this step's prompt scores
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step: its sampled tokens and prompt scores, still on the device."""
+
+    sampled: SampledTokens | None  # None: no sequence samples in this step
+    prompt_scores: PendingPromptScores | None
+
+    def result(self) -> RunnerOutput:
+        """Wait for the step and read its outputs back."""
+        sampled = self.sampled.result() if self.sampled is not None else SamplerOutput([], [])
+        return RunnerOutput(sampled, self.prompt_scores.result() if self.prompt_scores is not None else {})
 
 
 class ModelRunner:
@@ -54,7 +69,6 @@ class ModelRunner:
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
             self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
 
-    @torch.inference_mode()
     def execute(
         self,
         batch: ScheduledBatch,
@@ -62,7 +76,19 @@ class ModelRunner:
         prompt_logprobs: list[int | None] | None = None,
         token_mask: TokenBitmask | None = None,
     ) -> RunnerOutput:
-        """Run one step. `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
+        """Run one step and wait for its outputs (launch(...).result())."""
+        return self.launch(batch, rows, prompt_logprobs, token_mask).result()
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        rows: list[SampleRow],
+        prompt_logprobs: list[int | None] | None = None,
+        token_mask: TokenBitmask | None = None,
+    ) -> InFlight:
+        """Queue one step on the device without waiting for it (on CPU it runs here).
+        `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
         `prompt_logprobs`, per batch index, the top-k of prompt logprobs to score in this step's chunk (None: none);
         `token_mask` (structured outputs) forbids tokens in some of those rows."""
         input_ids: list[int] = []
@@ -89,13 +115,13 @@ class ModelRunner:
             hidden = self.decode_graphs.replay(input_ids, positions, slots, seq_lens, tables)
         else:
             hidden = self._run_eager(input_ids, positions, slots, query_start_loc, seq_lens, query_lens, tables)
-        scores = {}
+        scores = None
         if prompt_logprobs is not None and any(k is not None for k in prompt_logprobs):
             scores = score_prompts(self.model, hidden, batch, query_start_loc, prompt_logprobs)
         if not sample_idx:
-            return RunnerOutput(SamplerOutput([], []), scores)
+            return InFlight(None, scores)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
-        return RunnerOutput(self.sampler(logits, rows, token_mask), scores)
+        return InFlight(self.sampler.sample(logits, rows, token_mask), scores)
 
     def _run_eager(
         self,

@@ -5,6 +5,8 @@ Order: the grammar mask (structured outputs), logit_bias, min_tokens, repetition
 generator (a seeded request) draws from it, so it gets the same tokens whatever else is in the batch; rows without one
 share one batched draw. Python only reads the rows' params into index lists and small tensors once per step; no tensor
 op runs per row except a seeded row's draw. Logprobs are of the raw model distribution, as vLLM reports them.
+`sample()` only queues the work and returns device tensors (SampledTokens); its `result()` reads them back, the one
+point where the host waits for the device, so the engine can postprocess the previous step meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ class SamplerOutput:
 
 
 @dataclass(slots=True)
+class SampledTokens:
+    """One step's sampled tokens and logprobs, still on the device; result() reads them back (the host waits here)."""
+
+    token_ids: torch.Tensor  # [num_rows]
+    num_rows: int
+    logprob_rows: list[int] = field(default_factory=list)  # the rows that asked for logprobs
+    logprob_ks: list[int] = field(default_factory=list)  # top-k of each of those rows
+    sampled_logprobs: torch.Tensor | None = None  # [len(logprob_rows)], of the sampled token
+    top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), max k], best first
+    top_ids: torch.Tensor | None = None  # [len(logprob_rows), max k]
+
+    def result(self) -> SamplerOutput:
+        logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * self.num_rows
+        token_ids = self.token_ids.tolist()  # the sync: waits for the step's forward and sampling
+        if self.sampled_logprobs is not None and self.top_logprobs is not None and self.top_ids is not None:
+            sampled, values, ids = self.sampled_logprobs.tolist(), self.top_logprobs.tolist(), self.top_ids.tolist()
+            for j, (i, k) in enumerate(zip(self.logprob_rows, self.logprob_ks, strict=True)):
+                logprobs[i] = (sampled[j], ids[j][:k], values[j][:k])
+        return SamplerOutput(token_ids, logprobs)
+
+
+@dataclass(slots=True)
 class _RowGroups:
     """Indices of the rows that need each stage, read from their params in one pass."""
 
@@ -53,7 +77,12 @@ class Sampler:
         self._shared_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
-        """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py)."""
+        """sample() and wait for its result."""
+        return self.sample(logits, rows, token_mask).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SampledTokens:
+        """logits: fp32 [num_rows, vocab], modified in place. token_mask: grammar masks for some rows (structured.py).
+        Queues the work on logits' device and returns without waiting for it."""
         groups = _group_rows(rows)
         raw_logprobs = None
         if groups.logprobs:
@@ -69,23 +98,25 @@ class Sampler:
         else:  # greedy fast path: the argmax is all a greedy row needs
             token_ids = logits.argmax(dim=-1)  # [num_rows]
             if groups.random:
-                token_ids[groups.random] = self._sample(logits[groups.random], rows, groups.random)
-        return SamplerOutput(token_ids.tolist(), _logprobs(raw_logprobs, token_ids, rows, groups.logprobs))
+                random = _on_device(groups.random, logits.device)
+                token_ids[random] = self._sample(logits[random], rows, groups.random)
+        return _sampled_tokens(raw_logprobs, token_ids, rows, groups.logprobs)
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
         """logits [len(idx), vocab] of rows[idx] -> one token id per row."""
         params = [rows[i].params for i in idx]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)  # [n]
+        temps = _on_device([p.temperature for p in params], logits.device, torch.float32)  # [n]
         logits = logits / temps.unsqueeze(1)
         filtered = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
         if len(filtered) == len(params):
             logits = _top_k_top_p(logits, params)
         elif filtered:
-            logits[filtered] = _top_k_top_p(logits[filtered], [params[j] for j in filtered])
+            where = _on_device(filtered, logits.device)
+            logits[where] = _top_k_top_p(logits[where], [params[j] for j in filtered])
         probs = torch.softmax(logits, dim=-1)  # [n, vocab]
         min_ps = [p.min_p for p in params]
         if any(min_ps):
-            threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            threshold = _on_device(min_ps, probs.device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return (probs / self._exponential_noise(probs, [rows[i].generator for i in idx])).argmax(dim=-1)
 
@@ -103,7 +134,7 @@ class Sampler:
                 noise[j].exponential_(generator=generator)
         if shared:
             shared_noise = torch.empty((len(shared), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-            noise[shared] = shared_noise.exponential_(generator=self._shared_generator(probs.device))
+            noise[_on_device(shared, probs.device)] = shared_noise.exponential_(generator=self._shared_generator(probs.device))
         return noise
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
@@ -132,7 +163,14 @@ def _group_rows(rows: list[SampleRow]) -> _RowGroups:
 
 def _take(values: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """values[idx] without the copy when idx is every row in order."""
-    return values if len(idx) == values.shape[0] else values[idx]
+    return values if len(idx) == values.shape[0] else values[_on_device(idx, values.device)]
+
+
+def _on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Per-row values or row indices as a tensor on `device`. On CUDA through pinned memory, not waiting: a plain copy to
+    the device waits for all the work queued before it, the step's forward included, and sample() must not wait."""
+    tensor = torch.tensor(values, dtype=dtype)  # [len(values)]
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -143,10 +181,10 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     if all(p.top_p == 1.0 for p in params):  # top_k only: a partial topk is enough, no full sort
         return _top_k(logits, top_ks)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
-    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
+    ks = _on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, vocab]
     sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
-    top_ps = torch.tensor([p.top_p for p in params], device=logits.device).unsqueeze(1)  # [n, 1]
+    top_ps = _on_device([p.top_p for p in params], logits.device, torch.float32).unsqueeze(1)  # [n, 1]
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
     drop = (probs.cumsum(dim=-1) - probs) >= top_ps
@@ -158,22 +196,17 @@ def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     """logits [n, vocab] -> -inf except each row's top_ks[j] largest logits."""
     top_values, top_ids = logits.topk(max(top_ks), dim=-1)  # [n, max k], best first
     ranks = torch.arange(top_values.shape[1], device=logits.device).unsqueeze(0)  # [1, max k]
-    ks = torch.tensor(top_ks, device=logits.device).unsqueeze(1)  # [n, 1]
+    ks = _on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
     top_values = top_values.masked_fill(ranks >= ks, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_values)
 
 
-def _logprobs(
-    raw: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SampleRow], idx: list[int]
-) -> list[tuple[float, list[int], list[float]] | None]:
-    """raw: log-softmax [len(idx), vocab] of rows[idx]; token_ids [num_rows] the sampled tokens."""
-    result: list[tuple[float, list[int], list[float]] | None] = [None] * len(rows)
+def _sampled_tokens(raw: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> SampledTokens:
+    """raw: log-softmax [len(idx), vocab] of rows[idx]; token_ids [num_rows] the sampled tokens. No sync."""
+    out = SampledTokens(token_ids, len(rows))
     if raw is None:
-        return result
-    sampled = raw.gather(1, _take(token_ids, idx).unsqueeze(1)).squeeze(1).tolist()  # [len(idx)]
-    ks = [rows[i].params.logprobs or 0 for i in idx]
-    top_values, top_ids = raw.topk(max(ks), dim=-1)  # [len(idx), max k], best first
-    values, ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(idx):
-        result[i] = (sampled[j], ids[j][: ks[j]], values[j][: ks[j]])
-    return result
+        return out
+    out.logprob_rows, out.logprob_ks = idx, [rows[i].params.logprobs or 0 for i in idx]
+    out.sampled_logprobs = raw.gather(1, _take(token_ids, idx).unsqueeze(1)).squeeze(1)  # [len(idx)]
+    out.top_logprobs, out.top_ids = raw.topk(max(out.logprob_ks), dim=-1)  # [len(idx), max k], best first
+    return out

@@ -19,9 +19,10 @@ PROMPT = [100, 200, 300, 400, 500, 600, 700]
 BOUND_S = 120.0  # turns a hang into a failure; never reached on a healthy run, however loaded the machine
 
 
-@pytest.fixture
-def engine(tiny_mistral_sliding_dir: pathlib.Path) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(EngineConfig(model=str(tiny_mistral_sliding_dir), max_waiting_requests=4))
+@pytest.fixture(params=[False, True], ids=["sync_output", "async_output"])
+def engine(tiny_mistral_sliding_dir: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[AsyncEngine]:
+    config = EngineConfig(model=str(tiny_mistral_sliding_dir), max_waiting_requests=4, async_output=request.param)
+    engine = AsyncEngine(config)
     engine.start()
     yield engine
     engine.shutdown()

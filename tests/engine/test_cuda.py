@@ -1,6 +1,7 @@
 """The CUDA path against the CPU reference: Triton kernels compiled on the GPU (attention, and the fused layer kernels
 the CUDA model runs), and the engine's greedy outputs on CUDA (eager and with CUDA graphs) equal to the CPU engine's on
-the tiny fixture models, the embedded model and a model with Mistral-7B layer shapes. Skipped without CUDA.
+the tiny fixture models, the embedded model and a model with Mistral-7B layer shapes; async output equal to sync output.
+Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -114,6 +115,19 @@ def test_cuda_bf16_follows_cpu_fp32(embedded_model_dir: pathlib.Path) -> None:
     bf16, replays = _generate(embedded_model_dir, TEXT_PROMPTS, device="cuda")
     assert replays > 0
     assert_same_greedy(cpu, bf16, max_gap=0.5)
+
+
+def test_cuda_async_output_equals_sync_output(embedded_model_dir: pathlib.Path, tiny_mistral_dir: pathlib.Path) -> None:
+    """On CUDA the slow postprocess of step N-1 overlaps step N by default; with the same batches (no stop strings, so
+    no choice ends with a token in flight) the outputs equal those with async output off, bit for bit, in bf16."""
+    assert LLM(model=str(tiny_mistral_dir), device="cuda", **ENGINE_KWARGS).engine.is_async_output  # type: ignore[arg-type]
+    sync, sync_replays = _generate(embedded_model_dir, TEXT_PROMPTS, device="cuda", async_output=False)
+    overlapped, replays = _generate(embedded_model_dir, TEXT_PROMPTS, device="cuda")
+    assert replays == sync_replays > 0
+    for ref, got in zip(sync, overlapped, strict=True):
+        assert (got.outputs[0].token_ids, got.outputs[0].text) == (ref.outputs[0].token_ids, ref.outputs[0].text)
+        ref_logprobs = [(e.sampled.token_id, e.sampled.logprob) for e in ref.outputs[0].logprobs or []]
+        assert [(e.sampled.token_id, e.sampled.logprob) for e in got.outputs[0].logprobs or []] == ref_logprobs
 
 
 @pytest.fixture(scope="module")

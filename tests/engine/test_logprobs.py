@@ -66,9 +66,10 @@ def test_scoring_only_generates_nothing(chunked: LLM, tiny_mistral_dir: pathlib.
     assert chunked.engine.block_manager.num_free_blocks == chunked.engine.block_manager.num_blocks
 
 
-def test_prompt_logprobs_survive_preemption(tiny_mistral_dir: pathlib.Path) -> None:
+@pytest.mark.parametrize("async_output", [False, True], ids=["sync_output", "async_output"])
+def test_prompt_logprobs_survive_preemption(tiny_mistral_dir: pathlib.Path, async_output: bool) -> None:
     """Few blocks: long prompts preempt each other mid-prefill; the recomputed chunks give the same scores."""
-    small = LLM(model=str(tiny_mistral_dir), num_kv_blocks=12, max_num_batched_tokens=32)
+    small = LLM(model=str(tiny_mistral_dir), num_kv_blocks=12, max_num_batched_tokens=32, async_output=async_output)
     prompts = [_prompt(80, seed=10 + i) for i in range(3)]
     results = small.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=0))
     assert small.engine.scheduler.num_preemptions > 0

@@ -40,9 +40,9 @@ def _parse(text: str) -> object:
     return json.loads(text, strict=False)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_mistral_dir: pathlib.Path) -> LLM:
-    return LLM(model=str(tiny_mistral_dir))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync_output", "async_output"])
+def tiny(tiny_mistral_dir: pathlib.Path, request: pytest.FixtureRequest) -> LLM:
+    return LLM(model=str(tiny_mistral_dir), async_output=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,9 @@ def test_constrained_output_survives_preemption(tiny_mistral_dir: pathlib.Path, 
     prompts = [p * 10 for p in PROMPTS] * 3  # 12 sequences of 40 prompt tokens plus up to 200 output tokens
     params = [_sampled(PERSON, seed) for seed in range(len(prompts))]
     expected = [r.outputs[0].token_ids for r in tiny.generate(prompts, params)]
-    small = LLM(model=str(tiny_mistral_dir), num_kv_blocks=24, max_num_batched_tokens=128)
+    small = LLM(
+        model=str(tiny_mistral_dir), num_kv_blocks=24, max_num_batched_tokens=128, async_output=tiny.engine.is_async_output
+    )
     results = small.generate(prompts, params)
     assert small.engine.scheduler.num_preemptions > 0
     assert [r.outputs[0].token_ids for r in results] == expected

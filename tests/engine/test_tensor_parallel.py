@@ -114,6 +114,18 @@ class TestSameAsOneRank:
         assert _generate(double, requests) == alone
 
 
+def test_async_output_forced_on_across_ranks(tiny_mistral_dir: pathlib.Path) -> None:
+    """Off by default with ranks; forced on, two ranks still give one rank's tokens (rank 0 launches, then waits)."""
+    single = LLMEngine(_config(tiny_mistral_dir, 1))
+    double = LLMEngine(_config(tiny_mistral_dir, 2, async_output=True))
+    try:
+        assert double.is_async_output
+        requests = {f"r{i}": (prompt, GREEDY if i % 2 else SEEDED) for i, prompt in enumerate(PROMPTS)}
+        assert _generate(double, requests) == _generate(single, requests)
+    finally:
+        double.close()
+
+
 def test_rank_loads_only_its_slices(tiny_mistral_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1 of 2 reads half of every split tensor through get_slice, the rest whole, and no lm_head: bytes counted."""
     bytes_read: dict[str, int] = {}

@@ -21,14 +21,14 @@ FAULT_AFTER_TOKENS = 3
 
 
 def _install_fault() -> None:
-    original = llm_engine.LLMEngine._append_token
+    original = llm_engine.LLMEngine._accept_token
 
-    def append_token(self: Any, request: Any, choice: Any, token_id: int, logprobs: Any) -> None:
+    def accept_token(self: Any, request: Any, choice: Any, token_id: int, logprobs: Any) -> Any:
         if FAULT_STOP in request.params.stop_strings and choice.seq.num_output_tokens >= FAULT_AFTER_TOKENS:
             raise RuntimeError("injected test fault")
-        original(self, request, choice, token_id, logprobs)
+        return original(self, request, choice, token_id, logprobs)
 
-    llm_engine.LLMEngine._append_token = append_token  # type: ignore[method-assign]
+    llm_engine.LLMEngine._accept_token = accept_token  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
