@@ -18,9 +18,10 @@ def padded_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, then every multiple of 8, up to and including max_num_seqs: a step pads at most 7 rows.
 
     Cost, at max_num_seqs 256: 35 graphs where the previous 1, 2, 4, 8, 16, then every 32 took 13. Capture time grows
-    with the count (each graph is one warm-up forward plus one captured forward of a decode step, milliseconds on
-    Mistral-7B shapes). Memory barely does: the graphs share one memory pool, captured largest first, so the pool is
-    about the largest graph's activations (a few [256, hidden] and [256, intermediate] tensors, tens of MiB).
+    with the count: each graph is one warm-up and one captured decode forward, ~10-20 ms each on Mistral-7B shapes on
+    an H200, so ~1-2 s in all (an estimate; bench/gpu.py's load_seconds shows the real figure). Memory barely grows:
+    the graphs share one memory pool, captured largest first, so the pool is about the largest graph's activations
+    (a few [256, hidden] and [256, intermediate] tensors: tens of MiB).
     """
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
     sizes += list(range(8, max_num_seqs, 8))
