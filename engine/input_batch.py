@@ -37,7 +37,8 @@ class BlockTableRows:
     A sequence keeps its row while it runs; each update appends only the block ids added since the last one. A table
     freed by the block manager (preemption, finish, abort) bumps the sequence's block_table_version, and the row is
     rebuilt from scratch on its next update. Rows of sequences no longer running are reclaimed when no row is free:
-    at most max_num_seqs sequences run, so reclaiming always finds one.
+    at most max_num_seqs sequences run, so reclaiming always finds one. Rows changed since the last take_dirty() are
+    listed there, for the device copy of the table.
     """
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int) -> None:
@@ -47,22 +48,33 @@ class BlockTableRows:
         self.owners: list[Sequence | None] = [None] * max_num_seqs
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))  # popped from the end: row 0 first
+        self.dirty: list[int] = []  # rows changed since the last take_dirty()
 
     def update(self, seq: Sequence) -> int:
         """Bring the sequence's row up to date with its block table -> the row."""
         row = self.row_of.get(seq.seq_id)
+        is_changed = False
         if row is None:
-            row = self._assign(seq)
+            row, is_changed = self._assign(seq), True
         elif self.versions[row] != seq.block_table_version:  # freed and reallocated since: rebuild
             self._clear(row)
             self.versions[row] = seq.block_table_version
+            is_changed = True
         copied, table = self.num_blocks[row], seq.block_table
         if len(table) > copied:
             if len(table) > self.table.shape[1]:
                 raise ValueError(f"sequence {seq.seq_id} has {len(table)} blocks, more than max_blocks_per_seq")
             self.table[row, copied : len(table)] = table[copied:]
             self.num_blocks[row] = len(table)
+            is_changed = True
+        if is_changed:
+            self.dirty.append(row)
         return row
+
+    def take_dirty(self) -> list[int]:
+        """The rows changed since the last call (each once), and forget them."""
+        dirty, self.dirty = list(dict.fromkeys(self.dirty)), []
+        return dirty
 
     def _assign(self, seq: Sequence) -> int:
         if not self.free_rows:
@@ -89,6 +101,13 @@ class BlockTableRows:
 
 
 class InputBatch:
+    """Persistent input buffers for the model runner; prepare() fills them for one step.
+
+    The block tables live twice: BlockTableRows' host array (the truth, which slot mapping reads) and a device copy of
+    it that receives only the rows changed this step; a step's block_tables are then gathered on the device by row,
+    so no host work or copy grows with the rows' width. On CPU the device copy is a second CPU tensor.
+    """
+
     def __init__(
         self,
         device: torch.device,
@@ -105,28 +124,31 @@ class InputBatch:
         self.cpu_decode_kernel = cpu_decode_kernel
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
         self.is_cuda = device.type == "cuda"
-        sizes = {
-            "input_ids": (max_num_tokens, torch.long),
-            "positions": (max_num_tokens, torch.long),
-            "slot_mapping": (max_num_tokens, torch.long),
-            "query_start_loc": (max_num_seqs + 1, torch.int32),
-            "seq_lens": (max_num_seqs, torch.int32),
-            "block_tables": (max_num_seqs * max_blocks_per_seq, torch.int32),  # flat: each step picks its row width
-            "sample_idx": (max_num_seqs, torch.long),
+        uploaded = {  # filled on the host, copied to the device
+            "input_ids": ((max_num_tokens,), torch.long),
+            "positions": ((max_num_tokens,), torch.long),
+            "slot_mapping": ((max_num_tokens,), torch.long),
+            "query_start_loc": ((max_num_seqs + 1,), torch.int32),
+            "seq_lens": ((max_num_seqs,), torch.int32),
+            "sample_idx": ((max_num_seqs,), torch.long),
+            "row_idx": ((max_num_seqs,), torch.long),  # the block-table row of each sequence of the step
+            "dirty_idx": ((max_num_seqs,), torch.long),  # rows changed this step ...
+            "dirty_rows": ((max_num_seqs, max_blocks_per_seq), torch.int32),  # ... and their new contents
         }
         # Initial values are those of padded decode rows (token 0, no slot, no keys), which CUDA-graph capture runs on.
         self.host: dict[str, torch.Tensor] = {}
         self.device_buffers: dict[str, torch.Tensor] = {}
-        for name, (size, dtype) in sizes.items():
-            host = torch.zeros(size, dtype=dtype, pin_memory=self.is_cuda)
-            self.host[name] = host
-            self.device_buffers[name] = torch.zeros(size, dtype=dtype, device=device) if self.is_cuda else host
+        for name, (shape, dtype) in uploaded.items():
+            self.host[name] = torch.zeros(shape, dtype=dtype, pin_memory=self.is_cuda)
+            self.device_buffers[name] = torch.zeros(shape, dtype=dtype, device=device) if self.is_cuda else self.host[name]
         self.host["slot_mapping"].fill_(-1)
         self.host["query_start_loc"].copy_(torch.arange(max_num_seqs + 1, dtype=torch.int32))
-        if self.is_cuda:
-            self.device_buffers["slot_mapping"].fill_(-1)
-            self.device_buffers["query_start_loc"].copy_(self.host["query_start_loc"])
+        for name in ("slot_mapping", "query_start_loc"):
+            self.device_buffers[name].copy_(self.host[name])
         self.np = {name: host.numpy() for name, host in self.host.items()}
+        self.device_table = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # A step's block tables, gathered from device_table: flat, so each step picks its row width.
+        self.block_tables = torch.zeros(max_num_seqs * max_blocks_per_seq, dtype=torch.int32, device=device)
         # Pinned host buffers are read by non-blocking copies: the next fill waits for the last step's copies to finish
         # (an event, cheap: they were queued a whole step ago). Chosen over double buffering for one set of buffers.
         self.copied = torch.cuda.Event() if self.is_cuda else None
@@ -155,59 +177,44 @@ class InputBatch:
         query_lens = np.array(num_new, dtype=np.int64)  # [num_seqs]
         seq_lens = np.array(starts, dtype=np.int64) + query_lens  # [num_seqs]
         ends = np.cumsum(query_lens)  # [num_seqs]
+        row_idx = np.array(rows, dtype=np.int64)  # [num_seqs]
         self.np["input_ids"][:num_tokens] = input_ids
-        token_seq = np.repeat(np.arange(num_seqs), query_lens)  # [num_tokens] batch index of each token
         positions = np.arange(num_tokens) + np.repeat(seq_lens - ends, query_lens)  # [num_tokens]
         self.np["positions"][:num_tokens] = positions
-        width = self.max_blocks_per_seq if num_padded_seqs is not None else max(map(self.rows.num_blocks.__getitem__, rows))
-        tables = self.np["block_tables"][: padded * width].reshape(padded, width)  # [padded, width]
-        tables[:num_seqs] = self.rows.table[np.array(rows), :width]  # gathered by row (numpy's fastest gather here)
-        blocks = tables[token_seq, positions // self.block_size]  # [num_tokens]
+        blocks = self.rows.table[np.repeat(row_idx, query_lens), positions // self.block_size]  # [num_tokens]
         self.np["slot_mapping"][:num_tokens] = blocks.astype(np.int64) * self.block_size + positions % self.block_size
-        query_start_loc = self.np["query_start_loc"]
-        query_start_loc[1 : num_seqs + 1] = ends
+        self.np["query_start_loc"][1 : num_seqs + 1] = ends
         self.np["seq_lens"][:num_seqs] = seq_lens
+        self.np["row_idx"][:num_seqs] = row_idx
         sample_idx = ends[np.array(samples, dtype=bool)] - 1  # [num_samples]
         self.np["sample_idx"][: len(sample_idx)] = sample_idx
+        dirty = self.rows.take_dirty()
+        self.np["dirty_idx"][: len(dirty)] = dirty
+        self.np["dirty_rows"][: len(dirty)] = self.rows.table[dirty]  # [num_dirty, max_blocks_per_seq]
         if padded > num_seqs:
             self._pad_decode(num_seqs, padded)
-        return self._upload(num_tokens, num_seqs, padded, width, len(sample_idx), num_new, seq_lens)
-
-    def _pad_decode(self, num_seqs: int, padded: int) -> None:
-        """Rows num_seqs..padded of a decode step: one token each that writes nowhere (slot -1) and sees no key."""
-        self.np["input_ids"][num_seqs:padded] = 0
-        self.np["positions"][num_seqs:padded] = 0
-        self.np["slot_mapping"][num_seqs:padded] = -1
-        self.np["seq_lens"][num_seqs:padded] = 0
-        self.np["query_start_loc"][num_seqs + 1 : padded + 1] = np.arange(num_seqs + 1, padded + 1)
-
-    def _upload(
-        self, num_tokens: int, num_seqs: int, padded: int, width: int, num_samples: int, num_new: list[int], seq_lens: np.ndarray
-    ) -> StepInputs:
+        width = self.max_blocks_per_seq if num_padded_seqs is not None else max(map(self.rows.num_blocks.__getitem__, rows))
         num_padded_tokens = num_tokens + padded - num_seqs
-        used = {
+        sizes = {
             "input_ids": num_padded_tokens,
             "positions": num_padded_tokens,
             "slot_mapping": num_padded_tokens,
             "query_start_loc": padded + 1,
             "seq_lens": padded,
-            "block_tables": padded * width,
-            "sample_idx": num_samples,
+            "sample_idx": len(sample_idx),
+            "row_idx": num_seqs,
+            "dirty_idx": len(dirty),
+            "dirty_rows": len(dirty),
         }
-        views = {}
-        for name, size in used.items():
-            device_view = self.device_buffers[name][:size]
-            if self.is_cuda:
-                device_view.copy_(self.host[name][:size], non_blocking=True)
-            views[name] = device_view
-        if self.copied is not None:
-            self.copied.record()
-            self.has_pending_copies = True
+        views = self._upload(sizes)
+        self.device_table.index_copy_(0, views["dirty_idx"], views["dirty_rows"])
+        block_tables = self.block_tables[: padded * width].view(padded, width)  # [padded, width]
+        torch.index_select(self.device_table[:, :width], 0, views["row_idx"], out=block_tables[:num_seqs])
         seq_lens_cpu = seq_lens.tolist()
         meta = AttentionMetadata(
             query_start_loc=views["query_start_loc"],
             seq_lens=views["seq_lens"],
-            block_tables=views["block_tables"].view(padded, width),  # [padded, width]
+            block_tables=block_tables,
             slot_mapping=views["slot_mapping"],
             query_lens_cpu=list(num_new),
             seq_lens_cpu=seq_lens_cpu,
@@ -218,6 +225,27 @@ class InputBatch:
         query_start_loc_cpu = self.np["query_start_loc"][: num_seqs + 1].tolist()
         return StepInputs(views["input_ids"], views["positions"], meta, views["sample_idx"], query_start_loc_cpu)
 
+    def _pad_decode(self, num_seqs: int, padded: int) -> None:
+        """Rows num_seqs..padded of a decode step: one token each that writes nowhere (slot -1) and sees no key."""
+        self.np["input_ids"][num_seqs:padded] = 0
+        self.np["positions"][num_seqs:padded] = 0
+        self.np["slot_mapping"][num_seqs:padded] = -1
+        self.np["seq_lens"][num_seqs:padded] = 0
+        self.np["query_start_loc"][num_seqs + 1 : padded + 1] = np.arange(num_seqs + 1, padded + 1)
+
+    def _upload(self, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """One copy per buffer of its used prefix (on CUDA, non-blocking from pinned memory) -> the device views."""
+        views = {}
+        for name, size in sizes.items():
+            device_view = self.device_buffers[name][:size]
+            if self.is_cuda:
+                device_view.copy_(self.host[name][:size], non_blocking=True)
+            views[name] = device_view
+        if self.copied is not None:
+            self.copied.record()
+            self.has_pending_copies = True
+        return views
+
     def decode_graph_inputs(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The device views a CUDA graph of `batch_size` decode rows is captured on: the same addresses and row width
         as a padded prepare() of that many rows fills."""
@@ -225,7 +253,7 @@ class InputBatch:
         meta = AttentionMetadata(
             query_start_loc=buffers["query_start_loc"][: batch_size + 1],
             seq_lens=buffers["seq_lens"][:batch_size],
-            block_tables=buffers["block_tables"][: batch_size * width].view(batch_size, width),  # [batch_size, width]
+            block_tables=self.block_tables[: batch_size * width].view(batch_size, width),  # [batch_size, width]
             slot_mapping=buffers["slot_mapping"][:batch_size],
             # The host-side fields are for the reference path only, which never runs on CUDA; the kernels read tensors.
             query_lens_cpu=[1] * batch_size,

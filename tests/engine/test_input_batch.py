@@ -45,7 +45,7 @@ def reference_inputs(batch: ScheduledBatch, block_size: int) -> dict[str, list]:
     }
 
 
-def assert_inputs_match(inputs: StepInputs, batch: ScheduledBatch, padded: int | None = None) -> None:
+def assert_inputs_match(buffers: InputBatch, inputs: StepInputs, batch: ScheduledBatch, padded: int | None = None) -> None:
     ref = reference_inputs(batch, BLOCK_SIZE)
     n, num_tokens = len(batch), len(ref["input_ids"])
     meta = inputs.meta
@@ -58,6 +58,7 @@ def assert_inputs_match(inputs: StepInputs, batch: ScheduledBatch, padded: int |
     assert meta.is_decode_only == (num_tokens == n)
     assert inputs.sample_idx.tolist() == ref["sample_idx"]
     assert meta.block_tables.is_contiguous() and meta.block_tables.dtype == torch.int32
+    assert meta.block_tables.data_ptr() == buffers.block_tables.data_ptr(), "block tables must stay in the persistent buffer"
     width = len(ref["block_tables"][0])
     assert meta.block_tables[:n, :width].tolist() == ref["block_tables"]
     assert not meta.block_tables[:n, width:].any(), "a row holds stale block ids past its blocks"
@@ -82,7 +83,7 @@ def run_checked(sim: Sim, inputs: InputBatch, rng: random.Random, max_steps: int
         if batch.seqs:
             is_decode = sum(batch.num_new_tokens) == len(batch)
             padded = min(len(batch) + rng.randrange(8), inputs.rows.table.shape[0]) if is_decode and rng.random() < 0.5 else None
-            assert_inputs_match(inputs.prepare(batch, padded), batch, padded)
+            assert_inputs_match(inputs, inputs.prepare(batch, padded), batch, padded)
             num_checked += 1
         return batch
 
