@@ -2,8 +2,10 @@
 
 Buffers are sized once (tokens per step, sequences per step, blocks per sequence); each step fills the used prefix of
 the host buffers with numpy and copies that prefix to the device buffers, whose views it returns. On CPU the host
-buffers are the device buffers. Block tables are kept per running sequence in BlockTableRows and only grow by the
-blocks each step adds. Unlike vLLM's InputBatch, no per-request sampling state lives here; the sampler owns that.
+buffers are the device buffers. Block tables are kept per running sequence in BlockTableRows, grown by the blocks each
+step adds; changed rows are copied to a device copy, from which each step's tables are gathered on the device.
+Unlike vLLM's InputBatch, no per-request sampling state lives here (the sampler owns it) and rows are not kept in
+batch order (the scheduler's order is the batch's; a gather by row index costs less than moving rows).
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ class StepInputs:
     meta: AttentionMetadata
     sample_idx: torch.Tensor  # [num_samples] int64, flat index of each sampling sequence's last token
     query_start_loc_cpu: list[int]  # [num_seqs + 1], host copy for prompt scoring
+
+
+@dataclass(slots=True)
+class _Filled:
+    """How much of the host buffers one step filled, and the host-side values its metadata needs."""
+
+    num_tokens: int
+    num_samples: int
+    num_dirty: int  # block-table rows changed
+    max_num_blocks: int  # the widest block table of the step
+    seq_lens_cpu: list[int]
 
 
 class BlockTableRows:
@@ -159,22 +172,58 @@ class InputBatch:
         batch to that many rows that write no slot and read no key, with block tables at the full row width."""
         if self.copied is not None and self.has_pending_copies:
             self.copied.synchronize()
-        seqs, num_new = batch.seqs, batch.num_new_tokens
-        num_seqs = len(seqs)
+        filled = self._fill(batch)
+        num_seqs, num_tokens = len(batch), filled.num_tokens
+        padded = num_padded_seqs if num_padded_seqs is not None else num_seqs
+        assert num_padded_seqs is None or num_tokens == num_seqs <= num_padded_seqs, "only decode steps are padded"
+        if padded > num_seqs:
+            self._pad_decode(num_seqs, padded)
+        num_padded_tokens = num_tokens + padded - num_seqs
+        sizes = {
+            "input_ids": num_padded_tokens,
+            "positions": num_padded_tokens,
+            "slot_mapping": num_padded_tokens,
+            "query_start_loc": padded + 1,
+            "seq_lens": padded,
+            "sample_idx": filled.num_samples,
+            "row_idx": num_seqs,
+            "dirty_idx": filled.num_dirty,
+            "dirty_rows": filled.num_dirty,
+        }
+        views = self._upload(sizes)
+        # The device copy of the rows takes this step's changed rows, then the step's tables are gathered from it.
+        self.device_table.index_copy_(0, views["dirty_idx"], views["dirty_rows"])
+        width = self.max_blocks_per_seq if num_padded_seqs is not None else filled.max_num_blocks
+        block_tables = self.block_tables[: padded * width].view(padded, width)  # [padded, width]
+        torch.index_select(self.device_table[:, :width], 0, views["row_idx"], out=block_tables[:num_seqs])
+        meta = AttentionMetadata(
+            query_start_loc=views["query_start_loc"],
+            seq_lens=views["seq_lens"],
+            block_tables=block_tables,
+            slot_mapping=views["slot_mapping"],
+            query_lens_cpu=list(batch.num_new_tokens),
+            seq_lens_cpu=filled.seq_lens_cpu,
+            max_seq_len=max(filled.seq_lens_cpu),
+            is_decode_only=num_tokens == num_seqs,
+            cpu_decode_kernel=self.cpu_decode_kernel,
+        )
+        query_start_loc_cpu = self.np["query_start_loc"][: num_seqs + 1].tolist()
+        return StepInputs(views["input_ids"], views["positions"], meta, views["sample_idx"], query_start_loc_cpu)
+
+    def _fill(self, batch: ScheduledBatch) -> _Filled:
+        """Write the step's values into the host buffers (unpadded), bringing its sequences' rows up to date."""
         input_ids: list[int] = []
         starts: list[int] = []
         rows: list[int] = []
         samples: list[bool] = []  # whether each sequence reaches its last token (batch.samples)
-        for seq, num in zip(seqs, num_new, strict=True):  # the only per-sequence Python: one slice and one row update
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):  # the only Python per sequence
             start, token_ids = seq.num_computed_tokens, seq.token_ids
             input_ids += token_ids[start : start + num]
             starts.append(start)
             rows.append(self.rows.update(seq))
             samples.append(start + num == len(token_ids))
-        num_tokens = len(input_ids)
-        padded = num_padded_seqs if num_padded_seqs is not None else num_seqs
-        assert num_padded_seqs is None or num_tokens == num_seqs <= num_padded_seqs, "only decode steps are padded"
-        query_lens = np.array(num_new, dtype=np.int64)  # [num_seqs]
+        num_seqs, num_tokens = len(rows), len(input_ids)
+        query_lens = np.array(batch.num_new_tokens, dtype=np.int64)  # [num_seqs]
         seq_lens = np.array(starts, dtype=np.int64) + query_lens  # [num_seqs]
         ends = np.cumsum(query_lens)  # [num_seqs]
         row_idx = np.array(rows, dtype=np.int64)  # [num_seqs]
@@ -191,39 +240,8 @@ class InputBatch:
         dirty = self.rows.take_dirty()
         self.np["dirty_idx"][: len(dirty)] = dirty
         self.np["dirty_rows"][: len(dirty)] = self.rows.table[dirty]  # [num_dirty, max_blocks_per_seq]
-        if padded > num_seqs:
-            self._pad_decode(num_seqs, padded)
-        width = self.max_blocks_per_seq if num_padded_seqs is not None else max(map(self.rows.num_blocks.__getitem__, rows))
-        num_padded_tokens = num_tokens + padded - num_seqs
-        sizes = {
-            "input_ids": num_padded_tokens,
-            "positions": num_padded_tokens,
-            "slot_mapping": num_padded_tokens,
-            "query_start_loc": padded + 1,
-            "seq_lens": padded,
-            "sample_idx": len(sample_idx),
-            "row_idx": num_seqs,
-            "dirty_idx": len(dirty),
-            "dirty_rows": len(dirty),
-        }
-        views = self._upload(sizes)
-        self.device_table.index_copy_(0, views["dirty_idx"], views["dirty_rows"])
-        block_tables = self.block_tables[: padded * width].view(padded, width)  # [padded, width]
-        torch.index_select(self.device_table[:, :width], 0, views["row_idx"], out=block_tables[:num_seqs])
-        seq_lens_cpu = seq_lens.tolist()
-        meta = AttentionMetadata(
-            query_start_loc=views["query_start_loc"],
-            seq_lens=views["seq_lens"],
-            block_tables=block_tables,
-            slot_mapping=views["slot_mapping"],
-            query_lens_cpu=list(num_new),
-            seq_lens_cpu=seq_lens_cpu,
-            max_seq_len=max(seq_lens_cpu),
-            is_decode_only=num_tokens == num_seqs,
-            cpu_decode_kernel=self.cpu_decode_kernel,
-        )
-        query_start_loc_cpu = self.np["query_start_loc"][: num_seqs + 1].tolist()
-        return StepInputs(views["input_ids"], views["positions"], meta, views["sample_idx"], query_start_loc_cpu)
+        max_num_blocks = max(map(self.rows.num_blocks.__getitem__, rows))
+        return _Filled(num_tokens, len(sample_idx), len(dirty), max_num_blocks, seq_lens.tolist())
 
     def _pad_decode(self, num_seqs: int, padded: int) -> None:
         """Rows num_seqs..padded of a decode step: one token each that writes nowhere (slot -1) and sees no key."""
