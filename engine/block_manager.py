@@ -103,6 +103,7 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_ids[block_id] = None
         seq.block_table.clear()
+        seq.block_table_version += 1  # the model runner's copy of this table (input_batch.py) is now stale
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
 

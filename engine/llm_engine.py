@@ -151,6 +151,7 @@ class LLMEngine:
             config.block_size,
             self.device,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
             cpu_decode_kernel=cpu_decode_kernel,

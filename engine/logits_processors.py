@@ -30,7 +30,7 @@ def apply_logit_bias(logits: torch.Tensor, idx: list[int], biases: list[dict[int
                 token_ids.append(token_id)
                 values.append(bias)
     if row_ids:
-        where = (_tensor(row_ids, logits.device), _tensor(token_ids, logits.device))  # [num_pairs] each
+        where = (on_device(row_ids, logits.device), on_device(token_ids, logits.device))  # [num_pairs] each
         logits.index_put_(where, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
@@ -42,7 +42,7 @@ def mask_stop_ids(logits: torch.Tensor, idx: list[int], stop_ids: list[frozenset
     pairs = [(i, t) for i, ids in zip(idx, stop_ids, strict=True) for t in ids if t < vocab]
     if pairs:
         row_ids, token_ids = zip(*pairs, strict=True)
-        logits[_tensor(list(row_ids), logits.device), _tensor(list(token_ids), logits.device)] = float("-inf")
+        logits[on_device(list(row_ids), logits.device), on_device(list(token_ids), logits.device)] = float("-inf")
 
 
 def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingParams], seqs: list[Sequence]) -> None:
@@ -55,27 +55,30 @@ def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingP
     if not idx:
         return
     device, vocab = logits.device, logits.shape[1]
-    flat = _tensor(list(chain.from_iterable(s.token_ids for s in seqs)), device)  # [num_tokens]
-    lengths = _tensor([len(s.token_ids) for s in seqs], device)  # [n]
+    flat = on_device(list(chain.from_iterable(s.token_ids for s in seqs)), device)  # [num_tokens]
+    lengths = on_device([len(s.token_ids) for s in seqs], device)  # [n]
     row_of = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)  # [num_tokens], 0..n-1
     known = flat < vocab
     if any(p.repetition_penalty != 1.0 for p in params):
         keys = torch.unique(row_of[known] * vocab + flat[known])  # [num_pairs]: each (row, token) seen once
         penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[keys // vocab]
-        where = (_tensor(idx, device)[keys // vocab], keys % vocab)
+        where = (on_device(idx, device)[keys // vocab], keys % vocab)
         values = logits[where]  # [num_pairs]
         logits[where] = torch.where(values > 0, values / penalty, values * penalty)
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         starts = lengths.cumsum(0) - lengths  # [n]
         position = torch.arange(flat.shape[0], device=device) - starts[row_of]  # [num_tokens], within its row
-        is_output = known & (position >= _tensor([s.num_prompt_tokens for s in seqs], device)[row_of])
+        is_output = known & (position >= on_device([s.num_prompt_tokens for s in seqs], device)[row_of])
         keys, counts = torch.unique(row_of[is_output] * vocab + flat[is_output], return_counts=True)  # [num_pairs]
         rows = keys // vocab
         frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[rows]
         presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[rows]
-        where = (_tensor(idx, device)[rows], keys % vocab)
+        where = (on_device(idx, device)[rows], keys % vocab)
         logits[where] -= frequency * counts.to(logits.dtype) + presence
 
 
-def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+def on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Per-row values or indices as a tensor on `device`. On CUDA through pinned memory, not waiting: a plain copy to
+    the device waits for all the work queued before it, the step's forward included, and a launch must not wait."""
+    tensor = torch.tensor(values, dtype=dtype)  # [len(values)]
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor

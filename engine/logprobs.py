@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.logits_processors import on_device
 from engine.model.mistral import MistralForCausalLM
 from engine.outputs import Logprob, TokenLogprobs
 from engine.scheduler import ScheduledBatch
@@ -85,10 +86,10 @@ def score_prompts(
     pending = PendingPromptScores(ks)
     for lo in range(0, len(rows), MAX_SCORED_ROWS):
         hi = min(lo + MAX_SCORED_ROWS, len(rows))
-        index = torch.tensor(rows[lo:hi], dtype=torch.long, device=hidden.device)
+        index = on_device(rows[lo:hi], hidden.device)
         logprobs = torch.log_softmax(model.compute_logits(hidden[index]), dim=-1)  # [hi - lo, vocab]
         targets = [batch.seqs[owners[j]].token_ids[positions[j]] for j in range(lo, hi)]
-        chosen = logprobs.gather(1, torch.tensor(targets, device=hidden.device).unsqueeze(1)).squeeze(1)  # [hi - lo]
+        chosen = logprobs.gather(1, on_device(targets, hidden.device).unsqueeze(1)).squeeze(1)  # [hi - lo]
         max_k = max(ks[owners[j]] or 0 for j in range(lo, hi))
         top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [hi - lo, max_k]
         pending.chunks.append(_ScoredChunk(owners[lo:hi], positions[lo:hi], chosen, top_values, top_ids))

@@ -1,4 +1,4 @@
-"""ModelRunner: flattens one scheduled step into model inputs + attention metadata, runs the model, samples.
+"""ModelRunner: one scheduled step -> model inputs + attention metadata (input_batch.py) -> the model -> the sampler.
 
 Logits are computed only at the positions that sample (the last token of each sequence that reaches its end), and at
 every prompt position of sequences that ask for prompt logprobs (logprobs.py scores those).
@@ -15,8 +15,8 @@ import torch
 
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TensorParallelGroup
+from engine.input_batch import InputBatch, StepInputs
 from engine.logprobs import PendingPromptScores, PromptScore, score_prompts
-from engine.model.attention import AttentionMetadata
 from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.sampler import SampledTokens, Sampler, SamplerOutput, SampleRow
@@ -53,6 +53,7 @@ class ModelRunner:
         *,
         max_num_seqs: int = 1,
         max_model_len: int = 0,
+        max_num_batched_tokens: int | None = None,  # the scheduler's token budget; None: bounded by the KV cache's slots
         enforce_eager: bool = True,
         cpu_decode_kernel: DecodeKernel | None = None,
         tp_group: TensorParallelGroup | None = None,
@@ -63,11 +64,18 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed)  # seed: the shared draw of requests without their own
-        self.cpu_decode_kernel = cpu_decode_kernel
         self.tp_group = tp_group  # tensor parallelism: ranks 1..N-1 get each step's inputs before rank 0 runs it
+        # A step's new tokens need KV slots of their own, so the cache's slot count bounds them when the scheduler's
+        # budget is not given; the token buffers then cost 48 bytes a slot (host + device), 0.04% of a Mistral-7B slot.
+        num_slots = kv_cache[0][0].shape[0] * block_size
+        max_num_tokens = min(max_num_batched_tokens or num_slots, num_slots, max_num_seqs * max_model_len)
+        max_blocks_per_seq = -(-max_model_len // block_size)
+        self.inputs = InputBatch(
+            device, block_size, max(max_num_tokens, max_num_seqs), max_num_seqs, max_blocks_per_seq, cpu_decode_kernel
+        )
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
-            self.decode_graphs = DecodeGraphs(model, kv_cache, max_num_seqs, -(-max_model_len // block_size))
+            self.decode_graphs = DecodeGraphs(model, kv_cache, self.inputs, max_num_seqs)
 
     def execute(
         self,
@@ -91,66 +99,23 @@ class ModelRunner:
         `rows` describe, in batch order, the sequences for which batch.samples(i) is true;
         `prompt_logprobs`, per batch index, the top-k of prompt logprobs to score in this step's chunk (None: none);
         `token_mask` (structured outputs) forbids tokens in some of those rows."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_idx: list[int] = []
-        query_start_loc, seq_lens, query_lens = [0], [], []
-        bs = self.block_size
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
-            positions.extend(range(start, start + num_new))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + num_new))
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(start + num_new)
-            query_lens.append(num_new)
-            if batch.samples(i):
-                sample_idx.append(query_start_loc[-1] - 1)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
-        is_decode_only = len(input_ids) == len(batch.seqs)
-        if is_decode_only and self.decode_graphs is not None and self.decode_graphs.fits(len(batch.seqs), max_blocks):
-            hidden = self.decode_graphs.replay(input_ids, positions, slots, seq_lens, tables)
+        num_padded_seqs = None
+        if self.decode_graphs is not None and sum(batch.num_new_tokens) == len(batch):  # pure decode: replay a graph
+            num_padded_seqs = self.decode_graphs.padded_size(len(batch))
+        inputs = self.inputs.prepare(batch, num_padded_seqs)
+        if num_padded_seqs is not None and self.decode_graphs is not None:
+            hidden = self.decode_graphs.replay(len(batch))
         else:
-            hidden = self._run_eager(input_ids, positions, slots, query_start_loc, seq_lens, query_lens, tables)
+            hidden = self._run_eager(inputs)
         scores = None
         if prompt_logprobs is not None and any(k is not None for k in prompt_logprobs):
-            scores = score_prompts(self.model, hidden, batch, query_start_loc, prompt_logprobs)
-        if not sample_idx:
+            scores = score_prompts(self.model, hidden, batch, inputs.query_start_loc_cpu, prompt_logprobs)
+        if inputs.sample_idx.numel() == 0:
             return InFlight(None, scores)
-        logits = self.model.compute_logits(hidden[self._tensor(sample_idx, torch.long)])  # [num_samples, vocab]
+        logits = self.model.compute_logits(hidden[inputs.sample_idx])  # [num_samples, vocab]
         return InFlight(self.sampler.sample(logits, rows, token_mask), scores)
 
-    def _run_eager(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        query_start_loc: list[int],
-        seq_lens: list[int],
-        query_lens: list[int],
-        tables: list[list[int]],
-    ) -> torch.Tensor:
-        meta = AttentionMetadata(
-            query_start_loc=self._tensor(query_start_loc, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(tables, torch.int32),
-            slot_mapping=self._tensor(slots, torch.long),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_seq_len=max(seq_lens),
-            is_decode_only=len(input_ids) == len(seq_lens),
-            cpu_decode_kernel=self.cpu_decode_kernel,
-        )
-        input_ids_t, positions_t = self._tensor(input_ids, torch.long), self._tensor(positions, torch.long)
+    def _run_eager(self, inputs: StepInputs) -> torch.Tensor:
         if self.tp_group is not None:  # every rank runs this step on its slice; a failure is RankFailedError
-            return self.tp_group.run_step(self.model, input_ids_t, positions_t, self.kv_cache, meta)
-        return self.model(input_ids_t, positions_t, self.kv_cache, meta)
-
-    def _tensor(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+            return self.tp_group.run_step(self.model, inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)

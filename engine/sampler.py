@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.logits_processors import apply_logit_bias, apply_penalties, mask_stop_ids
+from engine.logits_processors import apply_logit_bias, apply_penalties, mask_stop_ids, on_device
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured import TokenBitmask
@@ -98,25 +98,25 @@ class Sampler:
         else:  # greedy fast path: the argmax is all a greedy row needs
             token_ids = logits.argmax(dim=-1)  # [num_rows]
             if groups.random:
-                random = _on_device(groups.random, logits.device)
+                random = on_device(groups.random, logits.device)
                 token_ids[random] = self._sample(logits[random], rows, groups.random)
         return _sampled_tokens(raw_logprobs, token_ids, rows, groups.logprobs)
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
         """logits [len(idx), vocab] of rows[idx] -> one token id per row."""
         params = [rows[i].params for i in idx]
-        temps = _on_device([p.temperature for p in params], logits.device, torch.float32)  # [n]
+        temps = on_device([p.temperature for p in params], logits.device, torch.float32)  # [n]
         logits = logits / temps.unsqueeze(1)
         filtered = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
         if len(filtered) == len(params):
             logits = _top_k_top_p(logits, params)
         elif filtered:
-            where = _on_device(filtered, logits.device)
+            where = on_device(filtered, logits.device)
             logits[where] = _top_k_top_p(logits[where], [params[j] for j in filtered])
         probs = torch.softmax(logits, dim=-1)  # [n, vocab]
         min_ps = [p.min_p for p in params]
         if any(min_ps):
-            threshold = _on_device(min_ps, probs.device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            threshold = on_device(min_ps, probs.device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return (probs / self._exponential_noise(probs, [rows[i].generator for i in idx])).argmax(dim=-1)
 
@@ -134,7 +134,7 @@ class Sampler:
                 noise[j].exponential_(generator=generator)
         if shared:
             shared_noise = torch.empty((len(shared), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-            noise[_on_device(shared, probs.device)] = shared_noise.exponential_(generator=self._shared_generator(probs.device))
+            noise[on_device(shared, probs.device)] = shared_noise.exponential_(generator=self._shared_generator(probs.device))
         return noise
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
@@ -163,14 +163,7 @@ def _group_rows(rows: list[SampleRow]) -> _RowGroups:
 
 def _take(values: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """values[idx] without the copy when idx is every row in order."""
-    return values if len(idx) == values.shape[0] else values[_on_device(idx, values.device)]
-
-
-def _on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Per-row values or row indices as a tensor on `device`. On CUDA through pinned memory, not waiting: a plain copy to
-    the device waits for all the work queued before it, the step's forward included, and sample() must not wait."""
-    tensor = torch.tensor(values, dtype=dtype)  # [len(values)]
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+    return values if len(idx) == values.shape[0] else values[on_device(idx, values.device)]
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -181,10 +174,10 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     if all(p.top_p == 1.0 for p in params):  # top_k only: a partial topk is enough, no full sort
         return _top_k(logits, top_ks)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
-    ks = _on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
+    ks = on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, vocab]
     sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
-    top_ps = _on_device([p.top_p for p in params], logits.device, torch.float32).unsqueeze(1)  # [n, 1]
+    top_ps = on_device([p.top_p for p in params], logits.device, torch.float32).unsqueeze(1)  # [n, 1]
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
     drop = (probs.cumsum(dim=-1) - probs) >= top_ps
@@ -196,7 +189,7 @@ def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     """logits [n, vocab] -> -inf except each row's top_ks[j] largest logits."""
     top_values, top_ids = logits.topk(max(top_ks), dim=-1)  # [n, max k], best first
     ranks = torch.arange(top_values.shape[1], device=logits.device).unsqueeze(0)  # [1, max k]
-    ks = _on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
+    ks = on_device(top_ks, logits.device).unsqueeze(1)  # [n, 1]
     top_values = top_values.masked_fill(ranks >= ks, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_values)
 

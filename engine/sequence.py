@@ -28,7 +28,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on first admission
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # grows by appending until freed (then cleared)
+    block_table_version: int = 0  # bumped each time the block table is freed, so copies of it know to rebuild
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
     leader: Sequence | None = None  # choice 0, for choices n>1: they wait until its prompt blocks are cached, then share them
     is_scoring_prompt: bool = False  # computing prompt logprobs: every prompt position runs, none comes from the prefix cache

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.input_batch import InputBatch
 from engine.outputs import RequestOutput
+from tests.engine.test_input_batch import run_checked
+from tests.engine.test_scheduler import BLOCK_SIZE, Sim
 from tests.engine.test_triton_attention import CASES, Case, case_errors
 from tests.engine.test_triton_layers import CASES as LAYER_CASES
 from tests.engine.test_triton_layers import DTYPES, TOLERANCE, LayerCase, case_error
@@ -156,3 +159,14 @@ def test_cuda_7b_layer_shapes_greedy_equals_cpu(mistral_7b_layers_dir: pathlib.P
     gpu, replays = _generate(mistral_7b_layers_dir, prompts, max_tokens=8, device="cuda", dtype="float32")
     assert replays > 0
     assert_same_greedy(cpu, gpu, max_gap=1e-3)
+
+
+def test_input_batch_on_cuda_equals_the_list_construction() -> None:
+    """Pinned host buffers, non-blocking copies and the copy event: every step's device inputs are right."""
+    rng = random.Random(0)
+    sim = Sim(num_blocks=24, max_num_batched_tokens=40, max_num_seqs=8)
+    for _ in range(16):
+        sim.add(prompt=[rng.randrange(1000) for _ in range(rng.randint(1, 40))], max_tokens=rng.randint(1, 20))
+    inputs = InputBatch(CUDA, BLOCK_SIZE, 64, 8, 16)
+    assert inputs.host["input_ids"].is_pinned() and inputs.device_buffers["input_ids"].is_cuda
+    assert run_checked(sim, inputs, rng) > 10

@@ -25,6 +25,8 @@ from engine.errors import RankFailedError
 from engine.llm_engine import LLMEngine
 from engine.loader import load_model, read_model_config
 from engine.model.parallel import Partition
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 from tests.conditions import async_wait_until, wait_until
 from tests.conftest import REPO_ROOT, write_tiny_mistral
 
@@ -65,12 +67,12 @@ def _logits(engine: LLMEngine, token_ids: list[int], prefill_len: int, chunk: in
     """Logits at every position [len(token_ids), vocab] through the engine's runner (prefill in chunks, then decodes)."""
     runner, bs = engine.runner, engine.config.block_size
     table = list(range(5, 5 + -(-len(token_ids) // bs)))  # blocks not at 0, so a wrong offset cannot pass
+    seq = Sequence("logits", 0, list(token_ids), len(token_ids), 0.0, block_table=table)
     out, start = [], 0
     while start < len(token_ids):
         n = min(chunk, prefill_len - start) if start < prefill_len else 1
-        positions = list(range(start, start + n))
-        slots = [table[p // bs] * bs + p % bs for p in positions]
-        hidden = runner._run_eager(token_ids[start : start + n], positions, slots, [0, n], [start + n], [n], [table])
+        seq.num_computed_tokens = start
+        hidden = runner._run_eager(runner.inputs.prepare(ScheduledBatch([seq], [n])))
         out.append(runner.model.compute_logits(hidden))
         start += n
     return torch.cat(out)
