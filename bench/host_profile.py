@@ -33,6 +33,7 @@ import torch
 
 import engine.logits_processors
 import engine.sampler
+import engine.tokenizer
 from bench.common import describe_device, emit, versions
 from bench.gpu import REPO_ROOT, SHAPES_SMOKE, random_prompt, write_checkpoint
 from engine import AsyncEngine, EngineConfig, SamplingParams
@@ -47,7 +48,7 @@ SAMPLING = {  # name -> SamplingParams keywords besides max_tokens
 # Phases read off the wrapped methods; every value is the inclusive time of that method within one step.
 TIMED = (
     "step", "schedule", "launch", "runner_launch", "prepare", "forward", "logits", "sampler", "sampler_group_rows",
-    "sampler_to_device", "sampler_penalties", "readback", "finish_in_flight", "emit",
+    "sampler_to_device", "sampler_penalties", "readback", "finish_in_flight", "emit", "detokenize",
 )  # fmt: skip
 
 
@@ -110,15 +111,20 @@ def instrument(llm: LLMEngine, timer: PhaseTimer) -> None:
 
 
 @contextlib.contextmanager
-def sampler_internals(timer: PhaseTimer) -> Iterator[None]:
-    """Time the sampler's Python parts (module functions, patched for the duration) and the readback of its tokens."""
+def module_patches(timer: PhaseTimer) -> Iterator[None]:
+    """Time the sampler's Python parts, the readback of its tokens and the incremental detokenizer (module functions and
+    class methods, patched for the duration: every engine in this process is timed)."""
     patches = [
         (engine.sampler, "_group_rows", "sampler_group_rows"),
-        (engine.sampler, "_on_device", "sampler_to_device"),
-        (engine.logits_processors, "_tensor", "sampler_to_device"),
         (engine.sampler, "apply_penalties", "sampler_penalties"),
         (engine.sampler.SampledTokens, "result", "readback"),
+        (engine.tokenizer.IncrementalDetokenizer, "add", "detokenize"),
+        (engine.tokenizer.IncrementalDetokenizer, "flush", "detokenize"),
     ]
+    for module in (engine.sampler, engine.logits_processors):  # list -> tensor copies; the helper's name has changed
+        patches += [
+            (module, name, "sampler_to_device") for name in ("on_device", "_on_device", "_tensor") if hasattr(module, name)
+        ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for (owner, name, phase), (_, _, original) in zip(patches, originals, strict=True):
@@ -148,6 +154,7 @@ def step_record(seconds: dict[str, float], shape: dict[str, int]) -> dict[str, A
         "readback_us": us["readback"],
         "fast_post_us": us["finish_in_flight"] - us["readback"],
         "slow_post_us": us["emit"],
+        "detokenize_us": us["detokenize"],  # part of the slow postprocess
         "step_other_us": us["step"] - us["launch"] - us["finish_in_flight"] - us["emit"],
     }
     # Host: the step without the stand-in's device work (forward, logits, the sampler's tensor math).
@@ -263,7 +270,7 @@ def async_scenario(config: EngineConfig, args: argparse.Namespace, base: dict[st
     llm.stats = _accumulate(llm.stats, stats_s)  # type: ignore[method-assign]
     engine.start()
     try:
-        with sampler_internals(timer):
+        with module_patches(timer):
             asyncio.run(run_async(engine, 8, 16, 2, args.seed + 100))  # warm-up
             records.clear()
             deliver_s[0] = stats_s[0] = timer.thread_s = 0.0
@@ -352,14 +359,33 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLMEngine(config)
         timer = PhaseTimer()
         instrument(llm, timer)
-        with sampler_internals(timer):
+        with module_patches(timer):
             run_sync(llm, timer, 4, lambda rng: 4, "greedy", 64, 100, args.seed + 99)  # warm-up
             sync_scenarios(llm, timer, scenarios, args, base)
         llm.close()
         del llm
     if "async" in scenarios:
         async_scenario(config, args, base)
-    emit({**base, "scenario": "total", "seconds": round(time.perf_counter() - start_s, 1), "load_avg_1m": _load_avg()}, args.out)
+    total_s = round(time.perf_counter() - start_s, 1)
+    emit(
+        {**base, "scenario": "total", "seconds": total_s, "python_ref_ms": python_reference_ms(), "load_avg_1m": _load_avg()},
+        args.out,
+    )
+
+
+def python_reference_ms() -> float:
+    """Best of 5 of a fixed pure-Python loop (lists, dicts, attribute-free arithmetic): compares one machine's Python
+    speed with another's, so these host figures can be scaled to a GPU host's CPU by running this bench there."""
+    best_s = float("inf")
+    for _ in range(5):
+        start_s = time.perf_counter()
+        table: dict[int, int] = {}
+        items: list[int] = []
+        for x in range(200_000):
+            table[x & 1023] = table.get(x & 1023, 0) + x
+            items.append(x * 3 % 7)
+        best_s = min(best_s, time.perf_counter() - start_s)
+    return round(best_s * 1e3, 2)
 
 
 def sync_scenarios(
@@ -387,7 +413,7 @@ def sync_scenarios(
     if "sampling" in scenarios:
         num = max_num_seqs
         for name in ("top_p", "penalties"):
-            records = window(num, name, args.sampling_steps, seed + 11)
+            records = window(num, name, args.sampling_steps, seed + 11 + len(name))  # own prompts: no prefix-cache hits
             decode = [r for r in records if step_class(r, max_num_seqs) == "decode"]
             emit({**base, "scenario": f"decode-{num}", "sampling": name, "step_class": "decode", **summarize(decode)}, args.out)
 
