@@ -333,6 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the stand-in's forward (1: steadier on a shared box)")
     p.add_argument("--work-dir", default=None, help="where the tiny checkpoint is written (kept and reused)")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer files to copy beside it; default: the embedded SmolLM2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append JSON lines here")
     return p.parse_args(argv)
@@ -342,9 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     scenarios = set(args.scenarios.split(","))
     torch.set_num_threads(args.threads)
-    from engine.embedded import embedded_model_dir
+    if args.tokenizer_dir:
+        tokenizer_dir = Path(args.tokenizer_dir)
+    else:
+        from engine.embedded import embedded_model_dir
 
-    tokenizer_dir = embedded_model_dir(str(REPO_ROOT / ".cache" / "sirocco"))
+        tokenizer_dir = embedded_model_dir(str(REPO_ROOT / ".cache" / "sirocco"))
     work_dir = Path(args.work_dir) if args.work_dir else Path("/tmp") / "sirocco-bench-host-profile"
     model_dir = write_checkpoint(work_dir, SHAPES_SMOKE, torch.float32, torch.device("cpu"), args.seed, tokenizer_dir)
     max_decode = max(args.decode_steps, args.sampling_steps, args.async_max_tokens, 112) + 64  # + the longest ramp
