@@ -1,7 +1,7 @@
 """Sizing the CUDA KV cache by a profiling pass: one worst-case step on dummy inputs, then simple arithmetic.
 
 After the weights are loaded and before the KV cache exists, the engine runs the largest step the scheduler allows
-(max_num_batched_tokens tokens over max_num_seqs prefill sequences, logits and a top-p sampler at every row, and a
+(max_num_batched_tokens tokens over up to max_num_seqs prefill sequences, logits and a top-p sampler at every row, and a
 chunk of prompt-logprob scoring) against a throwaway cache of a few blocks, and reads the allocator's peak. The cache
 then gets total * gpu_memory_utilization - (weights + activation peak + CUDA-graph pool + memory torch does not own),
 as vLLM sizes it. The dummy step runs on any device (tests run it on CPU); only the peak reading needs CUDA.
@@ -57,10 +57,12 @@ class DummyStep:
     last_token_idx: torch.Tensor  # [num_seqs] int64, each sequence's last token: the rows that sample
 
 
-def dummy_step(num_tokens: int, num_seqs: int, block_size: int, num_cache_blocks: int, device: torch.device) -> DummyStep:
+def dummy_step(
+    num_tokens: int, num_seqs: int, block_size: int, num_cache_blocks: int, max_positions: int, device: torch.device
+) -> DummyStep:
     """`num_tokens` prompt tokens split as evenly as possible over `num_seqs` sequences, each a whole prompt from
-    position 0. Block tables wrap around the `num_cache_blocks` blocks of a throwaway cache: slots repeat, which only
-    overwrites garbage with garbage."""
+    position 0 (positions wrap at max_positions, the rotary table's length). Block tables wrap around the
+    `num_cache_blocks` blocks of a throwaway cache: slots repeat, which only overwrites garbage with garbage."""
     assert 1 <= num_seqs <= num_tokens, "every sequence needs at least one token"
     query_lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
     max_blocks = -(-max(query_lens) // block_size)
@@ -82,7 +84,7 @@ def dummy_step(num_tokens: int, num_seqs: int, block_size: int, num_cache_blocks
     )
     return DummyStep(
         input_ids=torch.zeros(num_tokens, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        positions=torch.tensor([p % max_positions for p in positions], dtype=torch.long, device=device),
         meta=meta,
         last_token_idx=torch.tensor(query_start_loc[1:], dtype=torch.long, device=device) - 1,
     )
@@ -108,7 +110,8 @@ def run_worst_case_step(
     device, dtype = weight.device, weight.dtype
     num_seqs = min(max_num_seqs, max_num_batched_tokens)
     kv_cache = allocate_kv_cache(model.config, NUM_PROFILE_BLOCKS, block_size, device, dtype, num_kv_heads)
-    step = dummy_step(max_num_batched_tokens, num_seqs, block_size, NUM_PROFILE_BLOCKS, device)
+    max_positions = model.config.max_position_embeddings
+    step = dummy_step(max_num_batched_tokens, num_seqs, block_size, NUM_PROFILE_BLOCKS, max_positions, device)
     with _unreduced(model):
         hidden = model(step.input_ids, step.positions, kv_cache, step.meta)  # [num_tokens, hidden]
     if not sample:

@@ -37,7 +37,7 @@ def test_kv_cache_bytes_is_never_negative() -> None:
 
 
 def test_dummy_step_splits_tokens_over_sequences_and_wraps_its_blocks() -> None:
-    step = dummy_step(num_tokens=10, num_seqs=3, block_size=2, num_cache_blocks=2, device=CPU)
+    step = dummy_step(num_tokens=10, num_seqs=3, block_size=2, num_cache_blocks=2, max_positions=64, device=CPU)
     meta = step.meta
     assert meta.query_lens_cpu == [4, 3, 3] and meta.seq_lens_cpu == [4, 3, 3]  # whole prompts from position 0
     assert meta.query_start_loc.tolist() == [0, 4, 7, 10]
@@ -47,21 +47,23 @@ def test_dummy_step_splits_tokens_over_sequences_and_wraps_its_blocks() -> None:
     assert meta.slot_mapping.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
     assert max(meta.slot_mapping.tolist()) < 2 * 2 and not meta.is_decode_only
 
-    long = dummy_step(num_tokens=40, num_seqs=1, block_size=4, num_cache_blocks=3, device=CPU)
+    long = dummy_step(num_tokens=40, num_seqs=1, block_size=4, num_cache_blocks=3, max_positions=32, device=CPU)
     assert long.meta.block_tables.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]]  # 10 blocks of table over 3 real ones
     assert max(long.meta.slot_mapping.tolist()) < 3 * 4
+    assert long.positions.tolist() == [*range(32), *range(8)]  # past the rotary table: wrapped
 
-    decode = dummy_step(num_tokens=5, num_seqs=5, block_size=16, num_cache_blocks=4, device=CPU)
+    decode = dummy_step(num_tokens=5, num_seqs=5, block_size=16, num_cache_blocks=4, max_positions=64, device=CPU)
     assert decode.meta.is_decode_only and decode.positions.tolist() == [0] * 5
 
 
 @pytest.mark.parametrize("model", ["tiny_mistral_dir", "tiny_mistral_sliding_dir"])
-@pytest.mark.parametrize(("num_tokens", "max_num_seqs"), [(100, 1), (64, 8), (6, 8)])
+@pytest.mark.parametrize(("num_tokens", "max_num_seqs"), [(100, 1), (64, 8), (6, 8), (600, 1)])
 def test_worst_case_step_runs_on_cpu(model: str, num_tokens: int, max_num_seqs: int, request: pytest.FixtureRequest) -> None:
     model_dir: pathlib.Path = request.getfixturevalue(model)
     config = read_model_config(model_dir)
     llm = load_model(model_dir, config, CPU, torch.float32)
-    # 100 tokens in one sequence: 7 blocks of 16 wrapping over the throwaway cache's 4; 6 tokens: at most 6 sequences
+    # 100 tokens in one sequence: 7 blocks of 16 wrapping over the throwaway cache's 4; 6 tokens: at most 6 sequences;
+    # 600 tokens in one sequence: more than the fixture's 512 positions
     assert NUM_PROFILE_BLOCKS * 16 < 100
     token_ids = run_worst_case_step(llm, num_tokens, max_num_seqs, block_size=16)
     assert len(token_ids) == min(num_tokens, max_num_seqs)
