@@ -23,10 +23,13 @@ from engine.distributed import TensorParallelGroup
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError, RankFailedError
 from engine.fingerprint import engine_fingerprint
-from engine.kv_cache import allocate_kv_cache, num_blocks_for
+from engine.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
 from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.logprobs import HeldLogprobs, PromptLogprobs, PromptScore
+from engine.memory_profile import kv_cache_bytes, log_profile, profile_cuda_memory
+from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.mistral import MistralForCausalLM
 from engine.model.parallel import Partition
 from engine.model_runner import InFlight, ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
@@ -128,7 +131,7 @@ class LLMEngine:
             self.tokenizer.hf_tokenizer, self.model_config.vocab_size, sorted(self.tokenizer.eos_token_ids)
         )
         num_kv_heads = partition.num_kv_heads(self.model_config)
-        free_bytes = _free_cuda_bytes(config, self.device)
+        free_bytes = _free_cuda_bytes(config, model, self.model_config, num_kv_heads)
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
@@ -453,11 +456,19 @@ class LLMEngine:
         )
 
 
-def _free_cuda_bytes(config: EngineConfig, device: torch.device) -> int | None:
-    """On CUDA: what gpu_memory_utilization leaves for the KV cache after the weights, with room for activations."""
-    if device.type != "cuda":
+def _free_cuda_bytes(config: EngineConfig, model: MistralForCausalLM, model_config: ModelConfig, num_kv_heads: int) -> int | None:
+    """On CUDA, unless num_kv_blocks or kv_cache_gib sets the cache: what gpu_memory_utilization leaves for it after
+    the weights, a profiled worst-case step and the CUDA graphs' pool (memory_profile.py). Under tensor parallelism
+    rank 0 profiles and every rank gets the same number of blocks."""
+    weight = model.model.embed_tokens.weight
+    if weight.device.type != "cuda" or config.num_kv_blocks is not None or config.kv_cache_gib is not None:
         return None
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    activation_reserve = 2 << 30  # TODO(#11): measure with a profiling pass
-    return max(0, int(total * config.gpu_memory_utilization) - used - activation_reserve)
+    has_cuda_graphs = not config.enforce_eager and config.tensor_parallel_size == 1  # as the ModelRunner decides
+    profile = profile_cuda_memory(
+        model, config.max_num_batched_tokens, config.max_num_seqs, config.block_size, num_kv_heads, has_cuda_graphs
+    )
+    kv_bytes = kv_cache_bytes(profile, config.gpu_memory_utilization)
+    log_profile(
+        profile, config.gpu_memory_utilization, kv_bytes, block_bytes(model_config, config.block_size, weight.dtype, num_kv_heads)
+    )
+    return kv_bytes

@@ -31,6 +31,9 @@ class AttentionMetadata:
     max_seq_len: int
     is_decode_only: bool
     cpu_decode_kernel: DecodeKernel | None = None  # fp32 CPU decodes through C instead of gather + SDPA
+    # The C kernel's (block_tables, seq_lens, q_rows) of this step's decodes, selected and checked by the first layer
+    # and reused by the others (they are the same in every layer).
+    cpu_decode_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -99,11 +102,15 @@ def _decode_kernel(
     out: torch.Tensor,
 ) -> None:
     """Every single-token query in one call of the C kernel: blocks read in place, no padding."""
-    tables, seq_lens, q_rows = meta.block_tables, meta.seq_lens, meta.query_start_loc[:-1]
-    if len(rows) < len(meta.query_lens_cpu):  # a mixed step: the decodes only
-        index = torch.tensor(rows)
-        tables, seq_lens, q_rows = tables[index], seq_lens[index], q_rows[index]
-    kernel(q, k_cache, v_cache, tables.contiguous(), seq_lens.contiguous(), q_rows.long(), out, scale, sliding_window)
+    if meta.cpu_decode_args is None:
+        tables, seq_lens, q_rows = meta.block_tables, meta.seq_lens, meta.query_start_loc[:-1]
+        if len(rows) < len(meta.query_lens_cpu):  # a mixed step: the decodes only
+            index = torch.tensor(rows)
+            tables, seq_lens, q_rows = tables[index], seq_lens[index], q_rows[index]
+        tables, seq_lens, q_rows = tables.contiguous(), seq_lens.contiguous(), q_rows.long()
+        kernel.check_indices(tables, seq_lens, q_rows, k_cache.shape[0], k_cache.shape[1], q.shape[0])
+        meta.cpu_decode_args = (tables, seq_lens, q_rows)
+    kernel.run(q, k_cache, v_cache, *meta.cpu_decode_args, out, scale, sliding_window)
 
 
 def _decode_batch(

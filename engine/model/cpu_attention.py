@@ -58,6 +58,49 @@ class DecodeKernel:
         scale: float,
         sliding_window: int | None,
     ) -> None:
+        """Check every index against the tensors, then run (`check_indices`, then `run`)."""
+        self.check_indices(block_tables, seq_lens, q_rows, k_cache.shape[0], k_cache.shape[1], q.shape[0])
+        self.run(q, k_cache, v_cache, block_tables, seq_lens, q_rows, out, scale, sliding_window)
+
+    @staticmethod
+    def check_indices(
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        q_rows: torch.Tensor,
+        num_cache_blocks: int,
+        block_size: int,
+        num_tokens: int,
+    ) -> None:
+        """C trusts every index it is given: refuse those that could reach outside the tensors. One step's indices are
+        the same in every layer, so the model checks them once per step (attention.py) and then calls `run`."""
+        if (block_tables.dtype, seq_lens.dtype, q_rows.dtype) != (torch.int32, torch.int32, torch.int64):
+            raise ValueError("decode attention kernel: int32 block tables and lengths, int64 rows")
+        num_seqs = seq_lens.shape[0]
+        if block_tables.shape[0] != num_seqs or q_rows.shape[0] != num_seqs:
+            raise ValueError("decode attention kernel: one block table and one query row per sequence")
+        if num_seqs and (
+            int(block_tables.min()) < 0
+            or int(block_tables.max()) >= num_cache_blocks
+            or int(seq_lens.min()) < 1
+            or int(seq_lens.max()) > block_tables.shape[1] * block_size
+            or int(q_rows.min()) < 0
+            or int(q_rows.max()) >= num_tokens
+        ):
+            raise ValueError("decode attention kernel: a block id, length or query row out of range")
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        q_rows: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+        sliding_window: int | None,
+    ) -> None:
+        """The kernel on indices already checked by `check_indices` against tensors of these shapes."""
         _, block_size, num_kv_heads, head_dim = k_cache.shape
         group = q.shape[1] // num_kv_heads
         tensors = (q, k_cache, v_cache, block_tables, seq_lens, q_rows, out)
@@ -65,27 +108,12 @@ class DecodeKernel:
             raise ValueError("decode attention kernel: CPU tensors, contiguous")
         if {q.dtype, k_cache.dtype, v_cache.dtype, out.dtype} != {torch.float32} or out.shape != q.shape:
             raise ValueError("decode attention kernel: fp32 q, caches and out of q's shape")
-        if (block_tables.dtype, seq_lens.dtype, q_rows.dtype) != (torch.int32, torch.int32, torch.int64):
-            raise ValueError("decode attention kernel: int32 block tables and lengths, int64 rows")
         if v_cache.shape != k_cache.shape or q.shape[2] != head_dim or group < 1 or q.shape[1] % num_kv_heads:
             raise ValueError("decode attention kernel: mismatched heads or head_dim")
-        num_seqs = seq_lens.shape[0]
-        # C trusts every index it is given: check the ones that could reach outside the tensors (cheap next to the step).
-        if block_tables.shape[0] != num_seqs or q_rows.shape[0] != num_seqs:
-            raise ValueError("decode attention kernel: one block table and one query row per sequence")
-        if num_seqs and (
-            int(block_tables.min()) < 0
-            or int(block_tables.max()) >= k_cache.shape[0]
-            or int(seq_lens.min()) < 1
-            or int(seq_lens.max()) > block_tables.shape[1] * block_size
-            or int(q_rows.min()) < 0
-            or int(q_rows.max()) >= q.shape[0]
-        ):
-            raise ValueError("decode attention kernel: a block id, length or query row out of range")
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-            q_rows.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_kv_heads, group, head_dim,
-            scale, sliding_window or 0,
+            q_rows.data_ptr(), out.data_ptr(), seq_lens.shape[0], block_tables.shape[1], block_size, num_kv_heads, group,
+            head_dim, scale, sliding_window or 0,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode attention kernel: out of memory for its score buffers")

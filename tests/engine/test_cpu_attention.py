@@ -67,6 +67,28 @@ def test_bad_inputs_are_refused_before_the_c_code(kernel: DecodeKernel) -> None:
         kernel(t["q"], *args[:4], args[4] + t["q"].shape[0], out, 0.25, None)
 
 
+def test_a_step_checks_its_indices_once_and_every_layer_reuses_them(kernel: DecodeKernel) -> None:
+    """The first layer selects and checks the decode rows' indices; later layers of the step run on the same ones."""
+    case = next(c for c in CASES if 1 in c.query_lens and any(n > 1 for n in c.query_lens))  # a mixed step
+    t = build_case(case, torch.device("cpu"), torch.float32)
+    meta = t["meta"]
+    attention.write_kv(t["k_cache"], t["v_cache"], t["k"], t["v"], meta.slot_mapping)
+    meta.cpu_decode_kernel = kernel
+    scale = case.head_dim**-0.5
+    first = attention.paged_attention(t["q"], t["k_cache"], t["v_cache"], meta, scale, case.sliding_window)
+    assert meta.cpu_decode_args is not None
+    tables, seq_lens, q_rows = meta.cpu_decode_args
+    assert len(seq_lens) == case.query_lens.count(1) and q_rows.dtype == torch.int64
+    again = attention.paged_attention(t["q"], t["k_cache"], t["v_cache"], meta, scale, case.sliding_window)
+    assert meta.cpu_decode_args[0] is tables and torch.equal(first, again)
+
+    bad = build_case(case, torch.device("cpu"), torch.float32)
+    bad["meta"].cpu_decode_kernel = kernel
+    bad["meta"].block_tables[case.query_lens.index(1), 0] = bad["k_cache"].shape[0]  # a decode row's block past the cache
+    with pytest.raises(ValueError, match="out of range"):
+        attention.paged_attention(bad["q"], bad["k_cache"], bad["v_cache"], bad["meta"], scale, case.sliding_window)
+
+
 def test_built_once_then_reused(tmp_path: pathlib.Path) -> None:
     assert load_decode_kernel(tmp_path) is not None
     built = sorted((tmp_path / "kernels").iterdir())

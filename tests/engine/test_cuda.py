@@ -7,6 +7,7 @@ Skipped without CUDA.
 from __future__ import annotations
 
 import gc
+import logging
 import pathlib
 import random
 import shutil
@@ -16,6 +17,9 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.input_batch import InputBatch
+from engine.kv_cache import block_bytes
+from engine.loader import load_model, read_model_config
+from engine.memory_profile import profile_cuda_memory
 from engine.outputs import RequestOutput
 from tests.engine.test_input_batch import run_checked
 from tests.engine.test_scheduler import BLOCK_SIZE, Sim
@@ -170,3 +174,40 @@ def test_input_batch_on_cuda_equals_the_list_construction() -> None:
     inputs = InputBatch(CUDA, BLOCK_SIZE, 64, 8, 16)
     assert inputs.host["input_ids"].is_pinned() and inputs.device_buffers["input_ids"].is_cuda
     assert run_checked(sim, inputs, rng) > 10
+
+
+def test_cuda_kv_cache_sized_by_the_memory_profile(mistral_7b_layers_dir: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The profiling pass: weights and the worst-case step's peak in a sane range; an engine sized by it starts, fills
+    gpu_memory_utilization with KV blocks and never lets torch hold more than that share of the GPU."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    model_config = read_model_config(mistral_7b_layers_dir)
+    model = load_model(mistral_7b_layers_dir, model_config, CUDA, torch.bfloat16)
+    params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    profile = profile_cuda_memory(model, 2048, 256, 16, None, has_cuda_graphs=True)
+    assert params_bytes <= profile.weights_bytes < params_bytes + (256 << 20), profile
+    scored_logits_bytes = 1024 * model_config.vocab_size * 4  # prompt-logprob chunk: fp32 logits and their log-softmax
+    assert 2 * scored_logits_bytes <= profile.activation_peak_bytes < 2 << 30, profile
+    assert 0 < profile.cuda_graph_bytes < profile.activation_peak_bytes, profile
+    assert 0 < profile.non_torch_bytes < 8 << 30, profile
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    utilization = 0.2
+    torch.cuda.reset_peak_memory_stats()
+    caplog.set_level(logging.INFO, logger="engine.memory_profile")
+    llm = LLM(model=str(mistral_7b_layers_dir), gpu_memory_utilization=utilization)
+    assert any("memory profile:" in r.getMessage() for r in caplog.records)
+    prompts = [[3 + i] * (100 + 300 * i) for i in range(8)]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [16] * 8
+    engine = llm.engine
+    kv_bytes = engine.block_manager.num_blocks * block_bytes(model_config, 16, torch.bfloat16)
+    total = torch.cuda.mem_get_info()[1]
+    budget = utilization * total
+    assert budget - params_bytes - (8 << 30) < kv_bytes < budget - params_bytes, (kv_bytes, budget)
+    assert torch.cuda.max_memory_reserved() <= budget, (torch.cuda.max_memory_reserved(), budget)
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
