@@ -9,6 +9,7 @@ import json
 import pathlib
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ class Tokenizer:
         added = self._tokenizer.added_tokens_decoder.items()
         self.special_token_ids: frozenset[int] = frozenset(self._tokenizer.all_special_ids) | {i for i, t in added if t.special}
         self.byte_fallback_ids: frozenset[int] = find_byte_fallback_ids(self._tokenizer)
+        self._decode_ids = _fast_decode(self._tokenizer)
         self.chat_template_info = ChatTemplateInfo(
             renders_tools=self._renders_tools(), has_tool_calls_token=MISTRAL_TOOL_CALLS_TOKEN in self._tokenizer.get_vocab()
         )
@@ -74,11 +76,11 @@ class Tokenizer:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
+        return str(self._decode_ids(token_ids, skip_special_tokens=skip_special_tokens))
 
     def token_text(self, token_id: int) -> str:
         """The text of one token decoded alone (for logprobs); half a character decodes as U+FFFD."""
-        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+        return str(self._decode_ids([token_id], skip_special_tokens=False))
 
     def apply_chat_template(
         self,
@@ -207,6 +209,16 @@ class IncrementalDetokenizer:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def _fast_decode(hf_tokenizer: Any) -> Callable[..., str]:
+    """decode(ids, skip_special_tokens=...) of the `tokenizers` backend itself when transformers' decode would return
+    the same text (a fast tokenizer that cleans up no spaces), else transformers' decode. The backend's is 2-3x
+    cheaper per call (2 against 5 us for a few ids), and the engine decodes twice per generated token."""
+    backend = getattr(hf_tokenizer, "_tokenizer", None)
+    if backend is None or getattr(hf_tokenizer, "clean_up_tokenization_spaces", False) or not hasattr(backend, "decode"):
+        return hf_tokenizer.decode
+    return backend.decode
 
 
 class StopStringMatcher:

@@ -346,3 +346,17 @@ def test_chat_template_info_and_tools_reach_the_template(embedded_model_dir: pat
     with_tools = Tokenizer(tmp_path)
     assert with_tools.chat_template_info.renders_tools
     assert with_tools.decode(with_tools.apply_chat_template(messages, tools)) == "TOOL lookup\nhi"
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "sentencepiece_tokenizer"])
+def test_decode_equals_transformers_decode(name: str, request: pytest.FixtureRequest) -> None:
+    """decode() may call the `tokenizers` backend directly; its text must be transformers' decode, special ids included."""
+    tok: Tokenizer = request.getfixturevalue(name)
+    rng = random.Random(0)
+    specials = sorted(tok.special_token_ids)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+        ids[rng.randrange(len(ids))] = rng.choice(specials)
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == tok.hf_tokenizer.decode(ids, skip_special_tokens=skip), ids
+        assert tok.token_text(ids[0]) == tok.hf_tokenizer.decode([ids[0]], skip_special_tokens=False)
