@@ -39,12 +39,20 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": _REF.format(model=model.__name__)}
 
 
+def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event of a stream: its `data` is a chunk as JSON, an error envelope as JSON (a stream the server
+    has to end early), or the closing `[DONE]`."""
+    json_text = {"type": "string", "contentMediaType": "application/json"}
+    as_json = [{**json_text, "contentSchema": _ref(model)} for model in (chunk, ErrorResponse)]
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, *as_json]}}}
+
+
 def _generation(summary: str, request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
     error = {"application/json": {"schema": _ref(ErrorResponse)}}
     responses: dict[str, Any] = {
         "200": {
             "description": "The completion, or with stream=true an SSE stream of chunks ending in `data: [DONE]`",
-            "content": {"application/json": {"schema": _ref(response)}, "text/event-stream": {"schema": _ref(chunk)}},
+            "content": {"application/json": {"schema": _ref(response)}, "text/event-stream": {"schema": _sse_event(chunk)}},
         }
     }
     responses.update({status: {"description": text, "content": error} for status, text in _ERRORS.items()})

@@ -133,6 +133,24 @@ def test_schemathesis_against_own_openapi(server: Server) -> None:
     assert all(status < 500 for (_, _, status) in statuses), statuses
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": ["Hello", "Bonjour"], "n": 2, "logprobs": 2, "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "n": 2, "logprobs": True}),
+    ],
+)
+def test_streams_conform_to_the_openapi_event_schema(server: Server, path: str, body: dict[str, Any]) -> None:
+    """Every event of a real stream, [DONE] included, passes schemathesis' SSE check against /openapi.json."""
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.base_url}/openapi.json").json())
+    operation = schema[path]["POST"]
+    case = operation.Case(body={"model": MODEL, "max_tokens": 4, "stream": True, **body}, media_type="application/json")
+    response = case.call(base_url=server.base_url, timeout=60)
+    assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]"), response.text[-200:]
+    assert response.text.count("data: {") >= 4  # both choices' chunks, as JSON
+    case.validate_response(response, checks=[response_schema_conformance])
+
+
 # --- hand-written hostile requests -----------------------------------------------------------------------------
 
 
