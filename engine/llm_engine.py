@@ -170,11 +170,11 @@ class LLMEngine:
             is_look_ahead=config.async_scheduling,
         )
         self.requests: dict[str, _Request] = {}
+        self.can_look_ahead = config.async_scheduling and self.tp_group is None  # no look-ahead across ranks (yet)
         is_async_output = config.async_output
-        if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with
-            is_async_output = config.async_scheduling or (self.device.type == "cuda" and self.tp_group is None)
+        if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with, but look-ahead
+            is_async_output = self.can_look_ahead or (self.device.type == "cuda" and self.tp_group is None)
         self.is_async_output = is_async_output
-        self.can_look_ahead = config.async_scheduling and self.tp_group is None
         self._look_ahead_blockers: dict[str, _Request] = {}  # live requests that need each token on the host
         self.num_look_ahead_steps = 0  # steps that launched the next one before finishing the one in flight
         self._in_flight: _Launched | None = None
@@ -260,7 +260,8 @@ class LLMEngine:
 
     def step(self) -> StepResult:
         """One step. With async output: finish the step in flight (wait for it, fast postprocess), launch the next one,
-        then the slow postprocess of the finished one while the device runs the next. Without: launch, finish, slow."""
+        then the slow postprocess of the finished one while the device runs the next. Without: launch, finish, slow.
+        A look-ahead step (async_scheduling, _is_look_ahead_step): launch the next one first, then finish, then slow."""
         failed: list[tuple[str, Exception]] = []
         if self._is_look_ahead_step():
             return self._look_ahead_step(failed)
