@@ -14,7 +14,9 @@ and only then waits for N and runs both its postprocess halves, replacing the pl
 (stop token or string, abort, failure) has its N+1 token dropped, as above. No placeholder is added for a token that
 will end its choice by length, so nothing is scheduled past max_tokens or the context. A step looks ahead only when no
 live request needs the previous token on the host before the next launch (_blocks_look_ahead: structured outputs,
-penalties, n > 1, prompt logprobs) and without tensor parallelism; otherwise it runs in the order above.
+penalties, n > 1, prompt logprobs) and without tensor parallelism; otherwise it runs in the order above. Step N's
+full blocks enter the prefix cache when N is read back, after N+1 was scheduled: a request admitted into N+1 cannot
+reuse them (it computes them itself, with the same result).
 """
 
 from __future__ import annotations
