@@ -219,6 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true", help="look-ahead scheduling (EngineConfig.async_scheduling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append JSON lines here (default bench/results/gpu.jsonl; none with --smoke)")
     args = p.parse_args(argv)
@@ -270,13 +271,14 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=max(1024, args.num_requests), gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_gib=0.25 if args.smoke else None, enforce_eager=args.enforce_eager, seed=args.seed,
+        async_scheduling=args.async_scheduling,
     )  # fmt: skip
     load_s = time.perf_counter()
     engine = LLMEngine(config)
     engine_info = {
         "load_seconds": round(time.perf_counter() - load_s, 1), "num_kv_blocks": engine.block_manager.num_blocks,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "cuda_graphs": engine.runner.decode_graphs is not None,
+        "cuda_graphs": engine.runner.decode_graphs is not None, "async_scheduling": args.async_scheduling,
     }  # fmt: skip
     report("engine", **engine_info)
     vocab = engine.model_config.vocab_size

@@ -40,6 +40,11 @@ class EngineConfig:
     # Postprocess step N-1 (detokenize, stop strings, deltas) while the device runs step N; None: on CUDA without tensor
     # parallelism. On CPU the forward runs on the calling thread, so overlap would only delay each step's outputs.
     async_output: bool | None = None
+    # Look-ahead scheduling: launch step N+1 before waiting for step N, feeding N's sampled tokens to N+1 on the device
+    # (llm_engine.py). Off by default until a GPU run measures it. Steps with a live request that needs N's token on the
+    # host (structured outputs, penalties, n > 1, prompt logprobs) and tensor parallelism fall back to the usual order.
+    # Greedy and seeded outputs are the same as with it off; unseeded sampling may differ. Implies async output.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -60,6 +65,9 @@ class EngineConfig:
         if self.distributed_timeout_s <= 0:
             message = f"distributed_timeout_s must be positive (got {self.distributed_timeout_s})"
             raise ConfigError("distributed_timeout_s", message)
+        if self.async_scheduling and self.async_output is False:
+            message = "async_scheduling needs async_output (a step's outputs come after the next step is launched)"
+            raise ConfigError("async_scheduling", message)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

@@ -6,6 +6,17 @@ applies stop strings (held back until they can no longer match) and emits deltas
 half of step N-1 runs while the device runs step N; a stop string then may end a choice whose next token is already in
 flight, and that token is dropped. Logprobs entries describe exactly the text emitted: a stop token gets none, and an
 entry waits for its text (logprobs.py).
+
+Look-ahead scheduling (EngineConfig.async_scheduling) also takes the wait for step N off the device's path: step()
+advances step N's sequences as if it were done (computed tokens, a PENDING_TOKEN_ID placeholder for each token it
+samples), schedules and launches step N+1, whose pending input tokens are copied from N's sampled tokens on the device,
+and only then waits for N and runs both its postprocess halves, replacing the placeholders. A choice that N finishes
+(stop token or string, abort, failure) has its N+1 token dropped, as above. No placeholder is added for a token that
+will end its choice by length, so nothing is scheduled past max_tokens or the context. A step looks ahead only when no
+live request needs the previous token on the host before the next launch (_blocks_look_ahead: structured outputs,
+penalties, n > 1, prompt logprobs) and without tensor parallelism; otherwise it runs in the order above. Step N's
+full blocks enter the prefix cache when N is read back, after N+1 was scheduled: a request admitted into N+1 cannot
+reuse them (it computes them itself, with the same result).
 """
 
 from __future__ import annotations
@@ -31,13 +42,13 @@ from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model.mistral import MistralForCausalLM
 from engine.model.parallel import Partition
-from engine.model_runner import InFlight, ModelRunner
+from engine.model_runner import InFlight, ModelRunner, PendingInputs
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.prompts import Prompt, check_prompt, tokenize_prompt
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence
+from engine.sequence import PENDING_TOKEN_ID, Sequence
 from engine.structured import StructuredOutputManager
 from engine.threads import set_torch_threads
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -99,6 +110,7 @@ class _Launched:
     batch: ScheduledBatch
     sampling: list[int]
     handle: InFlight
+    is_advanced: bool = False  # look-ahead: its sequences' computed tokens and placeholders are already counted
 
     @property
     def has_live_seqs(self) -> bool:
@@ -160,12 +172,16 @@ class LLMEngine:
             cpu_decode_kernel=cpu_decode_kernel,
             tp_group=self.tp_group,
             seed=config.seed,
+            is_look_ahead=config.async_scheduling,
         )
         self.requests: dict[str, _Request] = {}
+        self.can_look_ahead = config.async_scheduling and self.tp_group is None  # no look-ahead across ranks (yet)
         is_async_output = config.async_output
-        if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with
-            is_async_output = self.device.type == "cuda" and self.tp_group is None
+        if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with, but look-ahead
+            is_async_output = self.can_look_ahead or (self.device.type == "cuda" and self.tp_group is None)
         self.is_async_output = is_async_output
+        self._look_ahead_blockers: dict[str, _Request] = {}  # live requests that need each token on the host
+        self.num_look_ahead_steps = 0  # steps that launched the next one before finishing the one in flight
         self._in_flight: _Launched | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -219,7 +235,10 @@ class LLMEngine:
                 matcher = self.structured.matcher(params.structured_outputs, stop_ids)
             choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator, matcher))
         prompt_logprobs = PromptLogprobs(prompt_ids) if is_scoring else None
-        self.requests[request_id] = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
+        request = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
+        self.requests[request_id] = request
+        if _blocks_look_ahead(params):
+            self._look_ahead_blockers[request_id] = request
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.num_prompt_tokens += len(prompt_ids)
@@ -246,8 +265,11 @@ class LLMEngine:
 
     def step(self) -> StepResult:
         """One step. With async output: finish the step in flight (wait for it, fast postprocess), launch the next one,
-        then the slow postprocess of the finished one while the device runs the next. Without: launch, finish, slow."""
+        then the slow postprocess of the finished one while the device runs the next. Without: launch, finish, slow.
+        A look-ahead step (async_scheduling, _is_look_ahead_step): launch the next one first, then finish, then slow."""
         failed: list[tuple[str, Exception]] = []
+        if self._is_look_ahead_step():
+            return self._look_ahead_step(failed)
         finished = self._finish_in_flight(failed)  # step N-1: everything step N's schedule and sampler read
         self._launch(failed)  # step N: queued on the device, not waited for
         if not self.is_async_output:
@@ -256,7 +278,44 @@ class LLMEngine:
             finished.prompt_scores += later.prompt_scores
         return StepResult(self._emit(finished, failed), failed)
 
-    def _launch(self, failed: list[tuple[str, Exception]]) -> None:
+    def _look_ahead_step(self, failed: list[tuple[str, Exception]]) -> StepResult:
+        """Advance step N as if done, launch step N+1 on N's tokens still on the device, then finish and emit N."""
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        self.num_look_ahead_steps += 1
+        self._advance(launched)
+        self._launch(failed, ahead_of=launched)
+        finished = self._finish(launched, failed)
+        return StepResult(self._emit(finished, failed), failed)
+
+    def _is_look_ahead_step(self) -> bool:
+        """Whether this step may launch the next one before the step in flight is finished: look-ahead is on, a step
+        is in flight, and no live request needs its tokens on the host first."""
+        if not self.can_look_ahead or self._in_flight is None:
+            return False
+        blockers = self._look_ahead_blockers
+        for request_id in [r for r, request in blockers.items() if not self._is_live(request)]:
+            del blockers[request_id]
+        return not blockers
+
+    def _advance(self, launched: _Launched) -> None:
+        """Count a step in flight as done for the next schedule: its computed tokens, and a placeholder for each token
+        it samples, unless that token ends the choice by length (then nothing more is scheduled for it)."""
+        batch = launched.batch
+        launched.is_advanced = True
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if not seq.is_finished:
+                seq.num_computed_tokens += num_new
+        for i in launched.sampling:
+            seq = batch.seqs[i]
+            if seq.is_finished:
+                continue
+            request = self.requests[seq.request_id]
+            if seq.num_output_tokens + 1 < request.max_tokens and len(seq) + 1 < self.max_model_len:
+                seq.token_ids.append(PENDING_TOKEN_ID)
+                seq.has_pending_token = True
+
+    def _launch(self, failed: list[tuple[str, Exception]], ahead_of: _Launched | None = None) -> None:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return
@@ -271,7 +330,8 @@ class LLMEngine:
             token_mask = self.structured.fill_bitmask([self._choice(row.seq).matcher for row in rows])
             # Blocks freed while this step is in flight (a stop string, an abort) may be given to the next step's
             # sequences: safe, because the device runs steps in stream order (and on CPU this call ran the forward).
-            handle = self.runner.launch(batch, rows, ks, token_mask)
+            pending = None if ahead_of is None else _pending_inputs(batch, ahead_of)
+            handle = self.runner.launch(batch, rows, ks, token_mask, pending)
         except RankFailedError:
             raise  # tensor-parallel ranks out of step: the engine cannot go on
         except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
@@ -284,9 +344,13 @@ class LLMEngine:
         """Wait for the step in flight, if any, and run its fast postprocess. A sequence finished meanwhile (a stop
         string in the previous step's text, an abort, a failure) is skipped: its result in this step is dropped."""
         launched, self._in_flight = self._in_flight, None
-        finished = _Finished()
         if launched is None:
-            return finished
+            return _Finished()
+        return self._finish(launched, failed)
+
+    def _finish(self, launched: _Launched, failed: list[tuple[str, Exception]]) -> _Finished:
+        """Wait for a launched step and run its fast postprocess (see _finish_in_flight)."""
+        finished = _Finished()
         batch = launched.batch
         try:
             out = launched.handle.result()
@@ -302,7 +366,8 @@ class LLMEngine:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens += num_new
+            if not launched.is_advanced:
+                seq.num_computed_tokens += num_new
             seq.is_scoring_prompt = seq.is_scoring_prompt and seq.num_computed_tokens < seq.num_prompt_tokens
             self.block_manager.cache_full_blocks(seq)
         sampled = out.sampled
@@ -356,7 +421,10 @@ class LLMEngine:
             self._finish_choice(choice, "length")
             return _Accepted(request, choice, None, None, False)
         seq = choice.seq
-        seq.token_ids.append(token_id)
+        if seq.has_pending_token:  # look-ahead: the next step already read it on the device
+            seq.token_ids[-1], seq.has_pending_token = token_id, False
+        else:
+            seq.token_ids.append(token_id)
         self.num_generation_tokens += 1
         # The grammar saw every earlier output token; preemption recomputes KV but keeps them, so no rollback is needed.
         if choice.matcher is not None and not choice.matcher.accept_token(token_id):
@@ -454,6 +522,24 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
         )
+
+
+def _blocks_look_ahead(params: SamplingParams) -> bool:
+    """Whether a request needs each sampled token on the host before the next step launches: its grammar accepts it
+    before the next bitmask, penalties read output tokens, followers (n > 1) wait for choice 0's cached prompt blocks,
+    prompt scores are read per chunk."""
+    is_penalized = params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+    return params.structured_outputs is not None or is_penalized or params.n > 1 or params.prompt_logprobs is not None
+
+
+def _pending_inputs(batch: ScheduledBatch, previous: _Launched) -> PendingInputs | None:
+    """The rows of a look-ahead step whose last token is a placeholder, and where the previous step sampled it."""
+    token_ids = previous.handle.token_ids
+    if token_ids is None:
+        return None
+    src_row = {previous.batch.seqs[i].seq_id: j for j, i in enumerate(previous.sampling)}
+    batch_idx = [i for i, seq in enumerate(batch.seqs) if seq.has_pending_token]
+    return PendingInputs(token_ids, batch_idx, [src_row[batch.seqs[i].seq_id] for i in batch_idx])
 
 
 def _free_cuda_bytes(config: EngineConfig, model: MistralForCausalLM, model_config: ModelConfig, num_kv_heads: int) -> int | None:

@@ -4,6 +4,9 @@ Each step: running sequences first (decodes, and prompts still being prefilled i
 waiting sequences are admitted first come first served with as much of their prompt as the budget allows.
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed later.
+With look-ahead scheduling (llm_engine.py) a sequence's last token may be pending (still on the device): it is scheduled
+like a real one, but a preempted sequence is not readmitted until it is real, and a running sequence with nothing to
+compute (its pending token would end it by length, so none was added) waits.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.num_uncomputed_tokens == 0:  # look-ahead: its token in flight is its last
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
@@ -77,8 +82,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 return
-            if not seq.can_start:
-                continue  # a follower choice: waits for its leader's prompt, without blocking others
+            if not seq.can_start or seq.has_pending_token:
+                continue  # a follower choice waits for its leader's prompt; a preempted one for its token in flight
             self.block_manager.match_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             needed = self.block_manager.blocks_needed(seq, num_new)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 _seq_ids = itertools.count()
 
+PENDING_TOKEN_ID = -1  # look-ahead scheduling: the host's stand-in for a token still on the device (never embedded)
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -33,6 +35,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
     leader: Sequence | None = None  # choice 0, for choices n>1: they wait until its prompt blocks are cached, then share them
     is_scoring_prompt: bool = False  # computing prompt logprobs: every prompt position runs, none comes from the prefix cache
+    # Look-ahead scheduling: token_ids[-1] is PENDING_TOKEN_ID, the token the step in flight samples; the next step
+    # reads it on the device, and the engine replaces it when that step is finished.
+    has_pending_token: bool = False
     was_scheduled: bool = False
     first_scheduled_s: float | None = None
 

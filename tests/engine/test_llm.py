@@ -1,5 +1,6 @@
 """The offline LLM API over the batching engine: parity with transformers, batch invariance, preemption, prefix cache,
-seeds, n, stop rules, abort. Each test runs with async output off and forced on (the CPU default is off)."""
+seeds, n, stop rules, abort. Each test runs with async output off, forced on (the CPU default is off), and with
+look-ahead scheduling (async_scheduling, which implies async output)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,26 @@ from engine.errors import InvalidRequestError
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync_output", "async_output"])
-def async_output(request: pytest.FixtureRequest) -> bool:
-    return request.param
+MODES = {
+    "sync_output": {"async_output": False},
+    "async_output": {"async_output": True},
+    "async_scheduling": {"async_scheduling": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> dict[str, bool]:
+    return MODES[request.param]
 
 
 @pytest.fixture(scope="module")
-def smol(embedded_model_dir: pathlib.Path, async_output: bool) -> LLM:
-    return LLM(model=str(embedded_model_dir), async_output=async_output)
+def smol(embedded_model_dir: pathlib.Path, mode: dict[str, bool]) -> LLM:
+    return LLM(model=str(embedded_model_dir), **mode)
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_mistral_sliding_dir: pathlib.Path, async_output: bool) -> LLM:
-    return LLM(model=str(tiny_mistral_sliding_dir), async_output=async_output)
+def tiny(tiny_mistral_sliding_dir: pathlib.Path, mode: dict[str, bool]) -> LLM:
+    return LLM(model=str(tiny_mistral_sliding_dir), **mode)
 
 
 def _mixed_prompts(count: int, seed: int) -> list[list[int]]:
@@ -66,16 +74,17 @@ def test_chat_greedy_equals_transformers_generate(smol: LLM, embedded_model_dir:
 
 
 def test_batch_equals_alone_and_survives_preemption(
-    tiny_mistral_sliding_dir: pathlib.Path, tiny: LLM, async_output: bool
+    tiny_mistral_sliding_dir: pathlib.Path, tiny: LLM, mode: dict[str, bool]
 ) -> None:
     prompts = _mixed_prompts(24, seed=0)
     alone = [tiny.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
     batched = tiny.generate(prompts, GREEDY)
     assert [r.outputs[0].token_ids for r in batched] == alone
     # 40 blocks of 16 tokens cannot hold 24 sequences of up to 114 tokens: the scheduler must preempt and recompute.
-    small = LLM(model=str(tiny_mistral_sliding_dir), num_kv_blocks=40, max_num_batched_tokens=256, async_output=async_output)
+    small = LLM(model=str(tiny_mistral_sliding_dir), num_kv_blocks=40, max_num_batched_tokens=256, **mode)
     squeezed = small.generate(prompts, GREEDY)
     assert small.engine.scheduler.num_preemptions > 0
+    assert (small.engine.num_look_ahead_steps > 0) == mode.get("async_scheduling", False)
     assert [r.outputs[0].token_ids for r in squeezed] == alone
     assert small.engine.block_manager.num_free_blocks == 40
 
@@ -101,7 +110,9 @@ def test_shared_prefix_hits_the_cache_and_gives_the_same_output(tiny_mistral_sli
     after = tiny.engine.stats()
     assert after.prefix_cache_hits - stats.prefix_cache_hits >= (len(prefix) // 16) * 16
     assert cached.usage is not None and cached.usage.cached_tokens >= (len(prefix) // 16) * 16
-    uncached_llm = LLM(model=str(tiny_mistral_sliding_dir), enable_prefix_caching=False, async_output=tiny.engine.is_async_output)
+    config = tiny.engine.config
+    modes = {"async_output": config.async_output, "async_scheduling": config.async_scheduling}
+    uncached_llm = LLM(model=str(tiny_mistral_sliding_dir), enable_prefix_caching=False, **modes)
     uncached = uncached_llm.generate(second, GREEDY)[0]
     assert uncached_llm.engine.stats().prefix_cache_hits == 0
     assert cached.outputs[0].token_ids == uncached.outputs[0].token_ids

@@ -13,7 +13,7 @@ import pytest
 
 from engine.block_manager import BlockManager
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import PENDING_TOKEN_ID, Sequence, SequenceStatus
 
 BLOCK_SIZE = 4
 FAKE_TOKEN = 99_999
@@ -341,3 +341,22 @@ def test_usage_follows_the_blocks_held_by_running_sequences() -> None:
     assert len(a.block_table) == 3 and sim.bm.usage == pytest.approx(3 / 20)
     sim.step()
     assert sim.bm.usage == 0.0
+
+
+def test_look_ahead_a_pending_token_is_scheduled_a_preempted_holder_waits_and_a_finished_length_waits() -> None:
+    """Look-ahead scheduling (llm_engine.py): a running sequence whose last token is pending is scheduled like any
+    decode; preempted while it is pending, it is not readmitted until the token is real; a running sequence with nothing
+    to compute (its token in flight will end it by length) is left out of the step."""
+    sim = Sim(num_blocks=5, max_num_batched_tokens=64)
+    a, b = sim.add(prompt_len=4, max_tokens=10), sim.add(prompt_len=4, max_tokens=10)
+    sim.step()  # both prefilled, each has sampled a token
+    for seq in (a, b):  # as if that token were still in flight: the engine's placeholder
+        seq.token_ids[-1], seq.has_pending_token = PENDING_TOKEN_ID, True
+    sim.bm.allocate(b, 12)  # b takes the last free blocks: a's slot for its pending token needs a block
+    batch = sim.scheduler.schedule()
+    assert scheduled(batch) == {a: 1} and b.status is SequenceStatus.WAITING and sim.scheduler.num_preemptions == 1
+    assert sim.scheduler.schedule().seqs == [a] and b.status is SequenceStatus.WAITING  # b's token is still pending
+    b.token_ids[-1], b.has_pending_token = 1234, False
+    a.num_computed_tokens = len(a.token_ids)  # a's step done; its next token is its last: no placeholder, nothing to run
+    batch = sim.scheduler.schedule()
+    assert scheduled(batch) == {b: 1}  # a waits for its token; b is readmitted (its prompt block still cached)
