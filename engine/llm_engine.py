@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import xgrammar as xgr
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -34,87 +33,25 @@ from engine.distributed import TensorParallelGroup
 from engine.embedded import cache_root
 from engine.errors import InvalidRequestError, RankFailedError
 from engine.fingerprint import engine_fingerprint
-from engine.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
+from engine.kv_cache import allocate_kv_cache, num_blocks_for
 from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
-from engine.logprobs import HeldLogprobs, PromptLogprobs, PromptScore
-from engine.memory_profile import kv_cache_bytes, log_profile, profile_cuda_memory
-from engine.model.config import ModelConfig
+from engine.logprobs import PromptLogprobs
+from engine.memory_profile import cuda_kv_cache_bytes
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
-from engine.model.mistral import MistralForCausalLM
 from engine.model.parallel import Partition
-from engine.model_runner import InFlight, ModelRunner, PendingInputs
+from engine.model_runner import ModelRunner, PendingInputs
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.prompts import Prompt, check_prompt, tokenize_prompt
+from engine.request_state import Accepted, Choice, Launched, Request, StepWork
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PENDING_TOKEN_ID, Sequence
 from engine.structured import StructuredOutputManager
 from engine.threads import set_torch_threads
-from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from engine.tokenizer import StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Choice:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopStringMatcher
-    generator: torch.Generator | None  # a seeded request's own; unseeded choices share the sampler's
-    matcher: xgr.GrammarMatcher | None = None  # structured outputs: the grammar state, advanced with every output token
-    held_logprobs: HeldLogprobs = field(default_factory=HeldLogprobs)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-
-@dataclass(slots=True)
-class _Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    choices: list[_Choice]
-    stop_ids: frozenset[int]
-    max_tokens: int
-    prompt_logprobs: PromptLogprobs | None  # when asked; scored by choice 0 while it prefills
-    deltas: dict[int, CompletionOutput] = field(default_factory=dict)  # this step's news, by choice index
-
-    @property
-    def is_finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
-
-
-@dataclass(slots=True)
-class _Accepted:
-    """A token the fast postprocess took, waiting for the slow one (text, stop strings, logprobs entries, delta)."""
-
-    request: _Request
-    choice: _Choice
-    token_id: int | None  # None: a scoring-only request (max_tokens 0) whose prompt is done, nothing generated
-    logprobs: tuple | None
-    is_stop_token: bool
-
-
-@dataclass(slots=True)
-class _Finished:
-    """What the fast postprocess of one step leaves to the slow one."""
-
-    accepted: list[_Accepted] = field(default_factory=list)
-    prompt_scores: list[tuple[_Request, list[PromptScore]]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Launched:
-    """The step in flight: what was scheduled, the batch indices that sample (in row order), the runner's handle."""
-
-    batch: ScheduledBatch
-    sampling: list[int]
-    handle: InFlight
-    is_advanced: bool = False  # look-ahead: its sequences' computed tokens and placeholders are already counted
-
-    @property
-    def has_live_seqs(self) -> bool:
-        return any(not seq.is_finished for seq in self.batch.seqs)
 
 
 @dataclass(slots=True)
@@ -143,7 +80,7 @@ class LLMEngine:
             self.tokenizer.hf_tokenizer, self.model_config.vocab_size, sorted(self.tokenizer.eos_token_ids)
         )
         num_kv_heads = partition.num_kv_heads(self.model_config)
-        free_bytes = _free_cuda_bytes(config, model, self.model_config, num_kv_heads)
+        free_bytes = cuda_kv_cache_bytes(config, model, self.model_config, num_kv_heads)
         num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
@@ -174,15 +111,15 @@ class LLMEngine:
             seed=config.seed,
             is_look_ahead=config.async_scheduling,
         )
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}
         self.can_look_ahead = config.async_scheduling and self.tp_group is None  # no look-ahead across ranks (yet)
         is_async_output = config.async_output
         if is_async_output is None:  # on CPU the launch runs the forward itself: nothing to overlap with, but look-ahead
             is_async_output = self.can_look_ahead or (self.device.type == "cuda" and self.tp_group is None)
         self.is_async_output = is_async_output
-        self._look_ahead_blockers: dict[str, _Request] = {}  # live requests that need each token on the host
+        self._look_ahead_blockers: dict[str, Request] = {}  # live requests that need each token on the host
         self.num_look_ahead_steps = 0  # steps that launched the next one before finishing the one in flight
-        self._in_flight: _Launched | None = None
+        self._in_flight: Launched | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info(
@@ -220,7 +157,7 @@ class LLMEngine:
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids)
         is_scoring = params.prompt_logprobs is not None
-        choices: list[_Choice] = []
+        choices: list[Choice] = []
         for index in range(params.n):
             # Followers wait for choice 0's prompt, so the first delta carries its scores (and they reuse its blocks).
             leader = choices[0].seq if choices and (self.config.enable_prefix_caching or is_scoring) else None
@@ -233,9 +170,9 @@ class LLMEngine:
             matcher = None
             if params.structured_outputs is not None:
                 matcher = self.structured.matcher(params.structured_outputs, stop_ids)
-            choices.append(_Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator, matcher))
+            choices.append(Choice(seq, detokenizer, StopStringMatcher(params.stop_strings), generator, matcher))
         prompt_logprobs = PromptLogprobs(prompt_ids) if is_scoring else None
-        request = _Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
+        request = Request(request_id, prompt_ids, params, choices, stop_ids, max_tokens, prompt_logprobs)
         self.requests[request_id] = request
         if _blocks_look_ahead(params):
             self._look_ahead_blockers[request_id] = request
@@ -298,7 +235,7 @@ class LLMEngine:
             del blockers[request_id]
         return not blockers
 
-    def _advance(self, launched: _Launched) -> None:
+    def _advance(self, launched: Launched) -> None:
         """Count a step in flight as done for the next schedule: its computed tokens, and a placeholder for each token
         it samples, unless that token ends the choice by length (then nothing more is scheduled for it)."""
         batch = launched.batch
@@ -315,7 +252,7 @@ class LLMEngine:
                 seq.token_ids.append(PENDING_TOKEN_ID)
                 seq.has_pending_token = True
 
-    def _launch(self, failed: list[tuple[str, Exception]], ahead_of: _Launched | None = None) -> None:
+    def _launch(self, failed: list[tuple[str, Exception]], ahead_of: Launched | None = None) -> None:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return
@@ -338,19 +275,19 @@ class LLMEngine:
             logger.exception("step failed")
             failed.extend(self._fail({seq.request_id for seq in batch.seqs}, exc))
             return
-        self._in_flight = _Launched(batch, sampling, handle)
+        self._in_flight = Launched(batch, sampling, handle)
 
-    def _finish_in_flight(self, failed: list[tuple[str, Exception]]) -> _Finished:
+    def _finish_in_flight(self, failed: list[tuple[str, Exception]]) -> StepWork:
         """Wait for the step in flight, if any, and run its fast postprocess. A sequence finished meanwhile (a stop
         string in the previous step's text, an abort, a failure) is skipped: its result in this step is dropped."""
         launched, self._in_flight = self._in_flight, None
         if launched is None:
-            return _Finished()
+            return StepWork()
         return self._finish(launched, failed)
 
-    def _finish(self, launched: _Launched, failed: list[tuple[str, Exception]]) -> _Finished:
+    def _finish(self, launched: Launched, failed: list[tuple[str, Exception]]) -> StepWork:
         """Wait for a launched step and run its fast postprocess (see _finish_in_flight)."""
-        finished = _Finished()
+        finished = StepWork()
         batch = launched.batch
         try:
             out = launched.handle.result()
@@ -384,13 +321,13 @@ class LLMEngine:
                 failed.extend(self._fail({seq.request_id}, exc))
         return finished
 
-    def _emit(self, finished: _Finished, failed: list[tuple[str, Exception]]) -> list[RequestOutput]:
+    def _emit(self, finished: StepWork, failed: list[tuple[str, Exception]]) -> list[RequestOutput]:
         """The slow postprocess of a finished step -> the outputs of the requests it touched."""
         for request, scores in finished.prompt_scores:
             if self._is_live(request):
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.record(scores, request.prompt_token_ids, self.tokenizer.token_text)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, Request] = {}
         for accepted in finished.accepted:
             request = accepted.request
             if not self._is_live(request):  # failed since its token was accepted
@@ -404,7 +341,7 @@ class LLMEngine:
             touched[request.request_id] = request
         return [self._collect(r) for r in touched.values() if self._is_live(r)]
 
-    def _is_live(self, request: _Request) -> bool:
+    def _is_live(self, request: Request) -> bool:
         return self.requests.get(request.request_id) is request
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
@@ -412,14 +349,14 @@ class LLMEngine:
         choice = request.choices[seq.index]
         return SampleRow(request.params, choice.generator, seq, request.stop_ids)
 
-    def _choice(self, seq: Sequence) -> _Choice:
+    def _choice(self, seq: Sequence) -> Choice:
         return self.requests[seq.request_id].choices[seq.index]
 
-    def _accept_token(self, request: _Request, choice: _Choice, token_id: int, logprobs: tuple | None) -> _Accepted:
+    def _accept_token(self, request: Request, choice: Choice, token_id: int, logprobs: tuple | None) -> Accepted:
         """The fast postprocess of one sampled token: the token, the grammar, and finishing by stop token or length."""
         if request.max_tokens == 0:  # scoring only: the prompt is done, nothing is generated
             self._finish_choice(choice, "length")
-            return _Accepted(request, choice, None, None, False)
+            return Accepted(request, choice, None, None, False)
         seq = choice.seq
         if seq.has_pending_token:  # look-ahead: the next step already read it on the device
             seq.token_ids[-1], seq.has_pending_token = token_id, False
@@ -437,9 +374,9 @@ class LLMEngine:
             self._finish_choice(choice, "stop")
         elif seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
             self._finish_choice(choice, "length")
-        return _Accepted(request, choice, token_id, logprobs, is_stop_token)
+        return Accepted(request, choice, token_id, logprobs, is_stop_token)
 
-    def _emit_token(self, accepted: _Accepted) -> None:
+    def _emit_token(self, accepted: Accepted) -> None:
         """The slow postprocess of one accepted token: its text, stop strings, logprobs entries, into the delta."""
         request, choice, token_id = accepted.request, accepted.choice, accepted.token_id
         delta = request.deltas.setdefault(choice.seq.index, CompletionOutput(choice.seq.index))
@@ -463,7 +400,7 @@ class LLMEngine:
         if choice.finish_reason is not None:
             delta.finish_reason, delta.stop_reason = choice.finish_reason, choice.stop_reason
 
-    def _finish_choice(self, choice: _Choice, reason: str) -> None:
+    def _finish_choice(self, choice: Choice, reason: str) -> None:
         """Set the finish reason and free the choice's blocks at once (they may go to the very next step)."""
         choice.finish_reason = reason
         if not choice.seq.is_finished:
@@ -475,7 +412,7 @@ class LLMEngine:
         top = [Logprob(t, text(t), lp) for t, lp in zip(top_ids, top_lps, strict=True)]
         return TokenLogprobs(Logprob(token_id, text(token_id), sampled_lp), top)
 
-    def _collect(self, request: _Request) -> RequestOutput:
+    def _collect(self, request: Request) -> RequestOutput:
         """This step's deltas for one request; the final one carries usage and frees the request."""
         outputs = [request.deltas[i] for i in sorted(request.deltas)]
         request.deltas = {}
@@ -532,7 +469,7 @@ def _blocks_look_ahead(params: SamplingParams) -> bool:
     return params.structured_outputs is not None or is_penalized or params.n > 1 or params.prompt_logprobs is not None
 
 
-def _pending_inputs(batch: ScheduledBatch, previous: _Launched) -> PendingInputs | None:
+def _pending_inputs(batch: ScheduledBatch, previous: Launched) -> PendingInputs | None:
     """The rows of a look-ahead step whose last token is a placeholder, and where the previous step sampled it."""
     token_ids = previous.handle.token_ids
     if token_ids is None:
@@ -540,21 +477,3 @@ def _pending_inputs(batch: ScheduledBatch, previous: _Launched) -> PendingInputs
     src_row = {previous.batch.seqs[i].seq_id: j for j, i in enumerate(previous.sampling)}
     batch_idx = [i for i, seq in enumerate(batch.seqs) if seq.has_pending_token]
     return PendingInputs(token_ids, batch_idx, [src_row[batch.seqs[i].seq_id] for i in batch_idx])
-
-
-def _free_cuda_bytes(config: EngineConfig, model: MistralForCausalLM, model_config: ModelConfig, num_kv_heads: int) -> int | None:
-    """On CUDA, unless num_kv_blocks or kv_cache_gib sets the cache: what gpu_memory_utilization leaves for it after
-    the weights, a profiled worst-case step and the CUDA graphs' pool (memory_profile.py). Under tensor parallelism
-    rank 0 profiles and every rank gets the same number of blocks."""
-    weight = model.model.embed_tokens.weight
-    if weight.device.type != "cuda" or config.num_kv_blocks is not None or config.kv_cache_gib is not None:
-        return None
-    has_cuda_graphs = not config.enforce_eager and config.tensor_parallel_size == 1  # as the ModelRunner decides
-    profile = profile_cuda_memory(
-        model, config.max_num_batched_tokens, config.max_num_seqs, config.block_size, num_kv_heads, has_cuda_graphs
-    )
-    kv_bytes = kv_cache_bytes(profile, config.gpu_memory_utilization)
-    log_profile(
-        profile, config.gpu_memory_utilization, kv_bytes, block_bytes(model_config, config.block_size, weight.dtype, num_kv_heads)
-    )
-    return kv_bytes

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import EngineConfig
 from engine.cuda_graphs import padded_batch_sizes
-from engine.kv_cache import allocate_kv_cache
+from engine.kv_cache import allocate_kv_cache, block_bytes
 from engine.logprobs import MAX_SCORED_ROWS
 from engine.model.attention import AttentionMetadata
+from engine.model.config import ModelConfig
 from engine.model.mistral import MistralForCausalLM
 from engine.model.parallel import RowParallelLinear
 from engine.sampler import Sampler, SampleRow
@@ -200,3 +202,23 @@ def _unreduced(model: MistralForCausalLM) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.is_sharded = True
+
+
+def cuda_kv_cache_bytes(
+    config: EngineConfig, model: MistralForCausalLM, model_config: ModelConfig, num_kv_heads: int
+) -> int | None:
+    """On CUDA, unless num_kv_blocks or kv_cache_gib sets the cache: what gpu_memory_utilization leaves for it after
+    the weights, a profiled worst-case step and the CUDA graphs' pool (memory_profile.py). Under tensor parallelism
+    rank 0 profiles and every rank gets the same number of blocks."""
+    weight = model.model.embed_tokens.weight
+    if weight.device.type != "cuda" or config.num_kv_blocks is not None or config.kv_cache_gib is not None:
+        return None
+    has_cuda_graphs = not config.enforce_eager and config.tensor_parallel_size == 1  # as the ModelRunner decides
+    profile = profile_cuda_memory(
+        model, config.max_num_batched_tokens, config.max_num_seqs, config.block_size, num_kv_heads, has_cuda_graphs
+    )
+    kv_bytes = kv_cache_bytes(profile, config.gpu_memory_utilization)
+    log_profile(
+        profile, config.gpu_memory_utilization, kv_bytes, block_bytes(model_config, config.block_size, weight.dtype, num_kv_heads)
+    )
+    return kv_bytes
