@@ -23,8 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 
 set -o pipefail
-# PHASES picks what runs (default all, in this order); each phase has its own timeout, 580 s together, so one device call
-# of at most 600 s holds them all. bench.gpu writes the 7B-shape checkpoint that bench.gpu_serve then serves.
+# PHASES picks what runs (default tests,kernels,bench,serve, in this order; `lookahead` is extra); each phase has its
+# own timeout, 580 s together for the default, so one device call of at most 600 s holds them all. bench.gpu writes the 7B-shape checkpoint that bench.gpu_serve then serves.
 PHASES=${PHASES:-tests,kernels,bench,serve}
 phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
@@ -52,4 +52,11 @@ if phase serve; then  # served through `sirocco serve` against engine-only, thre
   timeout 160 $PY -m bench.gpu_serve --model /tmp/sirocco-7b --out "$OUT/gpu.jsonl" --log-dir "$OUT" 2>&1 |
     tee "$OUT/serve.log"
   echo "serve exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/serve.log"
+fi
+
+if phase lookahead; then  # not in the default PHASES: a second call compares look-ahead scheduling (opt-in) on its own
+  start=$(date +%s)
+  timeout 230 $PY -m bench.gpu --out "$OUT/gpu.jsonl" --tokenizer-dir .gpu/b/tokenizer --work-dir /tmp/sirocco-7b \
+    --sections decode,throughput --num-requests 1000 --deadline-s 90 --async-scheduling "$@" 2>&1 | tee "$OUT/lookahead.log"
+  echo "lookahead bench exit $? after $(($(date +%s) - start)) s" | tee -a "$OUT/lookahead.log"
 fi
