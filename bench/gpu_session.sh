@@ -24,7 +24,8 @@ $PY -c "import torch, transformers, triton; print(torch.__version__, transformer
 
 set -o pipefail
 # PHASES picks what runs (default tests,kernels,bench,serve, in this order; `lookahead` is extra); each phase has its
-# own timeout, 580 s together for the default, so one device call of at most 600 s holds them all. bench.gpu writes the 7B-shape checkpoint that bench.gpu_serve then serves.
+# own timeout, 580 s together for the default, so one device call of at most 600 s holds them all. bench.gpu writes
+# the 7B-shape checkpoint that bench.gpu_serve then serves.
 PHASES=${PHASES:-tests,kernels,bench,serve}
 phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
