@@ -7,8 +7,7 @@ op per row. Token ids at or past the logits' vocabulary are ignored (a tokenizer
 
 from __future__ import annotations
 
-from itertools import chain
-
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -45,9 +44,38 @@ def mask_stop_ids(logits: torch.Tensor, idx: list[int], stop_ids: list[frozenset
         logits[on_device(list(row_ids), logits.device), on_device(list(token_ids), logits.device)] = float("-inf")
 
 
-def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingParams], seqs: list[Sequence]) -> None:
+class TokenHistories:
+    """Each penalized sequence's token ids as one int64 array, kept from step to step and extended by the tokens added
+    since, so a step flattens every history with one concatenate instead of converting each whole list from Python
+    (256 rows of about 1,060 ids: 20-30 ms a step). Tokens are only appended; a history whose last known token changed
+    (a look-ahead placeholder replaced) or that got shorter is rebuilt."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[int, np.ndarray] = {}  # seq_id -> the first len(array) token ids
+
+    def flat(self, seqs: list[Sequence]) -> np.ndarray:
+        """The token ids of seqs, one after the other: int64 [sum of their lengths]."""
+        arrays: dict[int, np.ndarray] = {}
+        for seq in seqs:
+            tokens, known = seq.token_ids, self._arrays.get(seq.seq_id)
+            if known is None or len(known) > len(tokens) or (len(known) and known[-1] != tokens[len(known) - 1]):
+                known = np.array(tokens, dtype=np.int64)
+            elif len(known) < len(tokens):
+                known = np.concatenate((known, np.array(tokens[len(known) :], dtype=np.int64)))
+            arrays[seq.seq_id] = known
+        self._arrays = arrays  # only this step's sequences are kept: finished ones are forgotten
+        return np.concatenate([arrays[seq.seq_id] for seq in seqs])
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    idx: list[int],
+    params: list[SamplingParams],
+    seqs: list[Sequence],
+    histories: TokenHistories | None = None,
+) -> None:
     """Penalise row idx[j] by params[j] given the tokens of seqs[j]: repetition over prompt and output tokens,
-    presence and frequency over output tokens only.
+    presence and frequency over output tokens only. `histories`: the caller's, kept across steps (None: a fresh one).
 
     The rows' tokens go to the device once, flattened, as keys row * vocab + token; torch.unique turns them into the
     distinct (row, token) pairs and their counts, and only those logits are read and written: no pass over the vocab.
@@ -55,7 +83,8 @@ def apply_penalties(logits: torch.Tensor, idx: list[int], params: list[SamplingP
     if not idx:
         return
     device, vocab = logits.device, logits.shape[1]
-    flat = on_device(list(chain.from_iterable(s.token_ids for s in seqs)), device)  # [num_tokens]
+    flat_host = torch.from_numpy((histories or TokenHistories()).flat(seqs))  # [num_tokens]
+    flat = flat_host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat_host
     lengths = on_device([len(s.token_ids) for s in seqs], device)  # [n]
     row_of = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)  # [num_tokens], 0..n-1
     known = flat < vocab

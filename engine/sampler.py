@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.logits_processors import apply_logit_bias, apply_penalties, mask_stop_ids, on_device
+from engine.logits_processors import TokenHistories, apply_logit_bias, apply_penalties, mask_stop_ids, on_device
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured import TokenBitmask
@@ -75,6 +75,7 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed  # seeds the shared generator of the rows that bring none
         self._shared_generators: dict[torch.device, torch.Generator] = {}
+        self.histories = TokenHistories()  # penalized rows' token ids, extended step by step
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], token_mask: TokenBitmask | None = None) -> SamplerOutput:
         """sample() and wait for its result."""
@@ -92,7 +93,7 @@ class Sampler:
         apply_logit_bias(logits, groups.biased, [rows[i].params.logit_bias or {} for i in groups.biased])
         mask_stop_ids(logits, groups.min_tokens, [rows[i].stop_ids for i in groups.min_tokens])
         penalized = groups.penalized
-        apply_penalties(logits, penalized, [rows[i].params for i in penalized], [rows[i].seq for i in penalized])
+        apply_penalties(logits, penalized, [rows[i].params for i in penalized], [rows[i].seq for i in penalized], self.histories)
         if len(groups.random) == len(rows):
             token_ids = self._sample(logits, rows, groups.random)  # [num_rows]
         else:  # greedy fast path: the argmax is all a greedy row needs

@@ -8,8 +8,8 @@ import random
 import torch
 
 from engine import SamplingParams
-from engine.logits_processors import apply_logit_bias, apply_penalties, mask_stop_ids
-from engine.sequence import Sequence
+from engine.logits_processors import TokenHistories, apply_logit_bias, apply_penalties, mask_stop_ids
+from engine.sequence import PENDING_TOKEN_ID, Sequence
 
 VOCAB = 16
 
@@ -63,3 +63,29 @@ def test_penalties_leave_the_other_rows_alone() -> None:
     apply_penalties(logits, [1], [SamplingParams(presence_penalty=2.0)], [seq([4, 4, 6], 1)])
     assert torch.equal(logits[[0, 2]], torch.ones(2, VOCAB))
     assert logits[1, 4].item() == -1.0 and logits[1, 6].item() == -1.0 and logits[1, 0].item() == 1.0
+
+
+def test_token_histories_follow_appends_replacements_and_new_sequences() -> None:
+    """The kept histories always flatten to the sequences' current token ids, step after step."""
+    rng = random.Random(2)
+    histories = TokenHistories()
+    seqs = [seq([rng.randrange(VOCAB) for _ in range(rng.randint(1, 9))], 1) for _ in range(4)]
+    for step in range(12):
+        for s in seqs:
+            s.token_ids.append(rng.randrange(VOCAB))
+        if step == 3:
+            seqs[1].token_ids[-1] = PENDING_TOKEN_ID  # a look-ahead placeholder, seen by this step...
+        if step == 4:
+            seqs[1].token_ids[-2] = 7  # ... and replaced by the real token before the next
+        if step == 6:
+            seqs = [*seqs[1:], seq([5, 6], 1)]  # one sequence finished, another joined
+        expected = [t for s in seqs for t in s.token_ids]
+        assert histories.flat(seqs).tolist() == expected, step
+    # penalties computed through kept histories equal a fresh computation
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5)] * len(seqs)
+    seqs[0].token_ids[-1] = 3
+    logits = torch.randn(len(seqs), VOCAB, generator=torch.Generator().manual_seed(3))
+    fresh = logits.clone()
+    apply_penalties(logits, list(range(len(seqs))), params, seqs, histories)
+    apply_penalties(fresh, list(range(len(seqs))), params, seqs)
+    assert torch.equal(logits, fresh)
