@@ -34,7 +34,7 @@ import torch
 
 from bench.common import describe_device, emit, free_memory, versions
 from bench.gpu import BenchRequest, _commit, make_workload, run_workload
-from bench.serve import percentile
+from bench.serve import percentile, stop_server
 from engine import EngineConfig
 from engine.llm_engine import LLMEngine
 
@@ -151,15 +151,6 @@ def start_server(settings: dict[str, Any], log_path: Path) -> tuple[subprocess.P
     process.kill()
     process.wait()
     raise RuntimeError(f"the server did not become ready (exit {process.returncode}); its log: {log_path}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()  # SIGTERM drains; nothing is in flight by now
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # --- main ------------------------------------------------------------------------------------------------------

@@ -5,15 +5,14 @@ string or an abort ends a choice whose next token is already in flight, and when
 from __future__ import annotations
 
 import pathlib
-import random
 
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.errors import RankFailedError
-from engine.llm_engine import LLMEngine
 from engine.model_runner import InFlight
 from engine.outputs import RequestOutput, merge_delta
+from tests.engine.output_helpers import assert_all_blocks_free, client_view, random_prompts
 
 CONVERSATION = [{"role": "user", "content": "Write three sentences about the ocean."}]
 
@@ -31,36 +30,6 @@ def smol_pair(embedded_model_dir: pathlib.Path) -> tuple[LLM, LLM]:
     return tuple(LLM(model=str(embedded_model_dir), async_output=is_async) for is_async in (False, True))  # type: ignore[return-value]
 
 
-def _prompts(count: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(rng.randint(3, 90))] for _ in range(count)]
-
-
-def _summary(result: RequestOutput) -> tuple:
-    """Everything a client sees of a finished request."""
-    choices = [
-        (
-            c.index,
-            c.text,
-            c.token_ids,
-            c.finish_reason,
-            c.stop_reason,
-            [(e.sampled.token_id, round(e.sampled.logprob, 4), [t.token_id for t in e.top]) for e in c.logprobs or []],
-        )
-        for c in result.outputs
-    ]
-    usage = result.usage
-    assert usage is not None
-    prompt_logprobs = [(e.sampled.token_id, round(e.sampled.logprob, 4)) if e else None for e in result.prompt_logprobs or []]
-    return choices, (usage.prompt_tokens, usage.completion_tokens), prompt_logprobs
-
-
-def _assert_all_blocks_free(engine: LLMEngine) -> None:
-    manager = engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
-    assert all(count == 0 for count in manager.ref_counts)
-
-
 def test_defaults_follow_the_device(tiny_pair: tuple[LLM, LLM], tiny_mistral_sliding_dir: pathlib.Path) -> None:
     sync, forced = tiny_pair
     assert (sync.engine.is_async_output, forced.engine.is_async_output) == (False, True)
@@ -69,7 +38,7 @@ def test_defaults_follow_the_device(tiny_pair: tuple[LLM, LLM], tiny_mistral_sli
 
 def test_mixed_workload_is_the_same_with_and_without_async_output(tiny_pair: tuple[LLM, LLM]) -> None:
     """Greedy, penalised, seeded, n > 1, logprobs, prompt logprobs, stop ids and lengths in one batch."""
-    prompts = _prompts(12, seed=21)
+    prompts = random_prompts(12, seed=21)
     kinds = [
         SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
@@ -84,12 +53,12 @@ def test_mixed_workload_is_the_same_with_and_without_async_output(tiny_pair: tup
     free = sync.generate(prompts[6], params[6])[0].outputs[0].token_ids
     params[6] = SamplingParams(max_tokens=17, temperature=0.0, stop_token_ids=[free[4]], ignore_eos=True)
     before = (sync.engine.num_generation_tokens, forced.engine.num_generation_tokens)
-    expected = [_summary(r) for r in sync.generate(prompts, params)]
-    got = [_summary(r) for r in forced.generate(prompts, params)]
+    expected = [client_view(r) for r in sync.generate(prompts, params)]
+    got = [client_view(r) for r in forced.generate(prompts, params)]
     assert got == expected
     assert expected[6][0][0][3] == "stop"
     assert forced.engine.num_generation_tokens - before[1] == sync.engine.num_generation_tokens - before[0]
-    _assert_all_blocks_free(forced.engine)
+    assert_all_blocks_free(forced.engine)
 
 
 def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tuple[LLM, LLM]) -> None:
@@ -123,7 +92,7 @@ def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tupl
     total = RequestOutput("stopped", outputs[0].prompt_token_ids, [])
     for delta in outputs:
         merge_delta(total, delta)
-    assert _summary(total) == _summary(expected)
+    assert client_view(total) == client_view(expected)
     for choice in total.outputs:
         assert choice.text == free.text[: boundary - 2] and (choice.finish_reason, choice.stop_reason) == ("stop", stop)
         assert choice.token_ids == free.token_ids[:8]  # nothing past the token that completed the stop string
@@ -132,16 +101,16 @@ def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tupl
         assert 1 <= len(entries) <= 7
     assert total.usage is not None and total.usage.completion_tokens == 16
     assert engine.num_generation_tokens - generated_before == 16
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
 
 
 def test_abort_while_a_token_is_in_flight_and_reuse_of_its_id(tiny_pair: tuple[LLM, LLM]) -> None:
     sync, forced = tiny_pair
     engine = forced.engine
-    prompts = _prompts(4, seed=31)
+    prompts = random_prompts(4, seed=31)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     expected = [r.outputs[0].token_ids for r in sync.generate(prompts, params)]
-    reused_prompt = _prompts(1, seed=32)[0]
+    reused_prompt = random_prompts(1, seed=32)[0]
     reused_expected = sync.generate(reused_prompt, params)[0].outputs[0].token_ids
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
@@ -163,7 +132,7 @@ def test_abort_while_a_token_is_in_flight_and_reuse_of_its_id(tiny_pair: tuple[L
             tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
     assert not engine.has_unfinished, "the engine never drained"
     assert tokens == {"r0": expected[0], "r1": reused_expected, "r2": expected[2], "r3": expected[3]}
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
 
 
 class _FailingResult:
@@ -182,7 +151,7 @@ def test_a_failed_step_fails_its_batch_only(tiny_pair: tuple[LLM, LLM], is_async
     llm = tiny_pair[int(is_async)]
     engine = llm.engine
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    prompt = _prompts(1, seed=41)[0]
+    prompt = random_prompts(1, seed=41)[0]
     expected = llm.generate(prompt, params)[0].outputs[0].token_ids
     real_launch = engine.runner.launch
     monkeypatch.setattr(engine.runner, "launch", lambda *args: _FailingResult(real_launch(*args), RuntimeError("device fault")))
@@ -197,7 +166,7 @@ def test_a_failed_step_fails_its_batch_only(tiny_pair: tuple[LLM, LLM], is_async
     assert all("device fault" in str(exc) for _, exc in failed)
     monkeypatch.setattr(engine.runner, "launch", real_launch)
     assert llm.generate(prompt, params)[0].outputs[0].token_ids == expected  # the engine goes on
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
 
     monkeypatch.setattr(engine.runner, "launch", lambda *args: _FailingResult(real_launch(*args), RankFailedError("rank 1")))
     engine.add_request("fatal", prompt, params)

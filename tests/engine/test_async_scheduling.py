@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
 
 import pytest
 
@@ -18,6 +17,7 @@ from engine.llm_engine import LLMEngine
 from engine.model_runner import InFlight
 from engine.outputs import RequestOutput, merge_delta
 from engine.sequence import PENDING_TOKEN_ID
+from tests.engine.output_helpers import assert_all_blocks_free, client_view, random_prompts
 
 CONVERSATION = [{"role": "user", "content": "Write three sentences about the ocean."}]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -39,45 +39,19 @@ def smol_pair(embedded_model_dir: pathlib.Path) -> tuple[LLM, LLM]:
     )
 
 
-def _prompts(count: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(rng.randint(3, 90))] for _ in range(count)]
-
-
-def _summary(result: RequestOutput) -> tuple:
-    """Everything a client sees of a finished request."""
-    choices = [
-        (
-            c.index,
-            c.text,
-            c.token_ids,
-            c.finish_reason,
-            c.stop_reason,
-            [(e.sampled.token_id, round(e.sampled.logprob, 4), [t.token_id for t in e.top]) for e in c.logprobs or []],
-        )
-        for c in result.outputs
-    ]
-    usage = result.usage
-    assert usage is not None
-    prompt_logprobs = [(e.sampled.token_id, round(e.sampled.logprob, 4)) if e else None for e in result.prompt_logprobs or []]
-    return choices, (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens), prompt_logprobs
-
-
-def _assert_all_blocks_free(engine: LLMEngine) -> None:
-    manager = engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
-    assert all(count == 0 for count in manager.ref_counts)
+def _view(result: RequestOutput) -> tuple:
+    return client_view(result, with_cached_tokens=True)
 
 
 def _compare(pair: tuple[LLM, LLM], prompts: list, params: list[SamplingParams]) -> tuple[list[tuple], int]:
     """Generate with look-ahead off and on -> the summaries (asserted equal) and the look-ahead steps taken."""
     off, on = pair
     before = (off.engine.num_generation_tokens, on.engine.num_generation_tokens, on.engine.num_look_ahead_steps)
-    expected = [_summary(r) for r in off.generate(prompts, params)]
-    got = [_summary(r) for r in on.generate(prompts, params)]
+    expected = [_view(r) for r in off.generate(prompts, params)]
+    got = [_view(r) for r in on.generate(prompts, params)]
     assert got == expected
     assert on.engine.num_generation_tokens - before[1] == off.engine.num_generation_tokens - before[0]
-    _assert_all_blocks_free(on.engine)
+    assert_all_blocks_free(on.engine)
     return expected, on.engine.num_look_ahead_steps - before[2]
 
 
@@ -109,7 +83,7 @@ def test_config() -> None:
 
 
 def test_greedy_seeded_logprobs_stop_ids_and_lengths_equal_it_off(tiny_pair: tuple[LLM, LLM]) -> None:
-    prompts = _prompts(12, seed=21)
+    prompts = random_prompts(12, seed=21)
     kinds = [
         SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
@@ -133,7 +107,7 @@ def test_greedy_seeded_logprobs_stop_ids_and_lengths_equal_it_off(tiny_pair: tup
 
 def test_context_length_limit_is_exact(tiny_mistral_sliding_dir: pathlib.Path) -> None:
     """max_model_len ends choices by length exactly, and no look-ahead step runs a token past it."""
-    prompts = _prompts(6, seed=23)
+    prompts = random_prompts(6, seed=23)
     llm = LLM(model=str(tiny_mistral_sliding_dir), max_model_len=100, num_kv_blocks=40, async_scheduling=True)
     results = llm.generate(prompts, SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))
     assert llm.engine.num_look_ahead_steps > 0
@@ -144,7 +118,7 @@ def test_context_length_limit_is_exact(tiny_mistral_sliding_dir: pathlib.Path) -
     assert [
         r.outputs[0].token_ids for r in off.generate(prompts, SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))
     ] == [r.outputs[0].token_ids for r in results]
-    _assert_all_blocks_free(llm.engine)
+    assert_all_blocks_free(llm.engine)
 
 
 def test_fallback_steps_with_structured_penalised_n_and_scoring_requests(tiny_pair: tuple[LLM, LLM]) -> None:
@@ -153,7 +127,7 @@ def test_fallback_steps_with_structured_penalised_n_and_scoring_requests(tiny_pa
     person = StructuredOutputs(
         json=json.dumps({"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]})
     )
-    prompts = _prompts(10, seed=25)
+    prompts = random_prompts(10, seed=25)
     params = [
         SamplingParams(max_tokens=30, temperature=1.0, seed=5, structured_outputs=person),
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
@@ -195,19 +169,19 @@ def test_stop_string_ends_a_choice_whose_next_step_is_in_flight(smol_pair: tuple
     total = RequestOutput("stopped", outputs[0].prompt_token_ids, [])
     for delta in outputs:
         merge_delta(total, delta)
-    got, want = _summary(total), _summary(expected)
+    got, want = _view(total), _view(expected)
     assert (got[0], got[1][:2]) == (want[0], want[1][:2])  # the prefix cache's hits differ: `off` saw the prompt twice
     assert total.outputs[0].token_ids == free.token_ids[:8]
     assert engine.num_generation_tokens - generated_before == 8
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
 
 
 def test_abort_while_steps_are_in_flight_and_reuse_of_its_id(tiny_pair: tuple[LLM, LLM]) -> None:
     off, on = tiny_pair
     engine = on.engine
-    prompts = _prompts(4, seed=31)
+    prompts = random_prompts(4, seed=31)
     expected = [r.outputs[0].token_ids for r in off.generate(prompts, GREEDY)]
-    reused_prompt = _prompts(1, seed=32)[0]
+    reused_prompt = random_prompts(1, seed=32)[0]
     reused_expected = off.generate(reused_prompt, GREEDY)[0].outputs[0].token_ids
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, GREEDY)
@@ -223,30 +197,30 @@ def test_abort_while_steps_are_in_flight_and_reuse_of_its_id(tiny_pair: tuple[LL
     assert old_r1 is None or old_r1.outputs[0].token_ids == expected[1][: len(old_r1.outputs[0].token_ids)]
     assert [results[f"r{i}"].outputs[0].token_ids for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
     assert engine.num_look_ahead_steps > 0
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
 
 
 def test_preemption_under_a_tiny_kv_cache(tiny_mistral_sliding_dir: pathlib.Path, tiny_pair: tuple[LLM, LLM]) -> None:
     """Preempted sequences may hold a token still in flight: they are readmitted only once it is real."""
-    prompts = _prompts(16, seed=33)
+    prompts = random_prompts(16, seed=33)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
-    expected = [_summary(r) for r in tiny_pair[0].generate(prompts, params)]
+    expected = [_view(r) for r in tiny_pair[0].generate(prompts, params)]
     small = LLM(model=str(tiny_mistral_sliding_dir), num_kv_blocks=24, max_num_batched_tokens=256, async_scheduling=True)
-    got = [_summary(r) for r in small.generate(prompts, params)]
+    got = [_view(r) for r in small.generate(prompts, params)]
     assert small.engine.scheduler.num_preemptions > 0 and small.engine.num_look_ahead_steps > 0
     assert [g[:1] for g in got] == [e[:1] for e in expected]  # cached token counts differ with the cache size
-    _assert_all_blocks_free(small.engine)
+    assert_all_blocks_free(small.engine)
 
 
 def test_prefix_cache_hits_equal_it_off(tiny_pair: tuple[LLM, LLM]) -> None:
-    prefix = _prompts(1, seed=35)[0] * 3
+    prefix = random_prompts(1, seed=35)[0] * 3
     hits = []
     for llm in tiny_pair:
         before = llm.engine.stats().prefix_cache_hits
         first = llm.generate([*prefix, 11, 12, 13], GREEDY)[0]
         second = llm.generate([*prefix, 21, 22], GREEDY)[0]
         third = llm.generate([*prefix, 11, 12, 13, *first.outputs[0].token_ids[:-1], 5], GREEDY)[0]  # past the output
-        hits.append((llm.engine.stats().prefix_cache_hits - before, [_summary(r) for r in (first, second, third)]))
+        hits.append((llm.engine.stats().prefix_cache_hits - before, [_view(r) for r in (first, second, third)]))
     assert hits[1] == hits[0] and hits[0][0] >= 2 * (len(prefix) // 16) * 16
 
 
@@ -267,7 +241,7 @@ def test_a_failed_step_fails_its_batch_only(tiny_pair: tuple[LLM, LLM], monkeypa
     them are dropped, and a request that joined in N+2 goes on."""
     off, on = tiny_pair
     engine = on.engine
-    prompt, later_prompt = _prompts(2, seed=41)
+    prompt, later_prompt = random_prompts(2, seed=41)
     expected = off.generate(later_prompt, GREEDY)[0].outputs[0].token_ids
     real_launch = engine.runner.launch
     for i in range(2):
@@ -294,4 +268,4 @@ def test_a_failed_step_fails_its_batch_only(tiny_pair: tuple[LLM, LLM], monkeypa
     assert not engine.has_unfinished, "the engine never drained"
     assert list(results) == ["later"] and results["later"].outputs[0].token_ids == expected
     assert on.generate(prompt, GREEDY)[0].outputs[0].token_ids == off.generate(prompt, GREEDY)[0].outputs[0].token_ids
-    _assert_all_blocks_free(engine)
+    assert_all_blocks_free(engine)
