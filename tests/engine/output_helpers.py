@@ -1,17 +1,48 @@
-"""What the engine's output-equality tests share: random token prompts, a client's view of a finished request, and
-the check that every KV block went back to the pool."""
+"""What the engine's output-equality tests share: random token prompts, a stop string that the 8th generated token
+completes, stepping an engine until a request finishes, a client's view of a finished request, and the check that every
+KV block went back to the pool."""
 
 from __future__ import annotations
 
 import random
 
+from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, merge_delta
+
+CONVERSATION = [{"role": "user", "content": "Write three sentences about the ocean."}]
 
 
 def random_prompts(count: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, 40000) for _ in range(rng.randint(3, 90))] for _ in range(count)]
+
+
+def stop_completed_by_token_8(llm: LLM) -> tuple[CompletionOutput, int, str]:
+    """The free greedy answer to CONVERSATION, where its 7th token's text ends, and a stop string spanning tokens 7 and
+    8 (it matches once token 8 is detokenized)."""
+    free = llm.chat(CONVERSATION, SamplingParams(max_tokens=40, temperature=0.0))[0].outputs[0]
+    pieces = [llm.tokenizer.decode(free.token_ids[: i + 1]) for i in range(len(free.token_ids))]
+    boundary = len(pieces[6])
+    stop = free.text[boundary - 2 : boundary + 2]
+    assert len(pieces[7]) >= boundary + 2 and free.text.index(stop) == boundary - 2
+    return free, boundary, stop
+
+
+def step_until_finished(engine: LLMEngine, max_steps: int = 100) -> RequestOutput:
+    """Step an engine serving one request until it finishes (no step may fail) -> the request's deltas merged."""
+    outputs: list[RequestOutput] = []
+    for _ in range(max_steps):
+        step = engine.step()
+        assert step.failed == []
+        outputs += step.outputs
+        if outputs and outputs[-1].finished:
+            break
+    assert outputs and outputs[-1].finished, f"the request never finished in {max_steps} steps"
+    total = RequestOutput(outputs[0].request_id, outputs[0].prompt_token_ids, [])
+    for delta in outputs:
+        merge_delta(total, delta)
+    return total
 
 
 def client_view(result: RequestOutput, with_cached_tokens: bool = False) -> tuple:

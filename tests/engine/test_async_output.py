@@ -11,10 +11,14 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.errors import RankFailedError
 from engine.model_runner import InFlight
-from engine.outputs import RequestOutput, merge_delta
-from tests.engine.output_helpers import assert_all_blocks_free, client_view, random_prompts
-
-CONVERSATION = [{"role": "user", "content": "Write three sentences about the ocean."}]
+from tests.engine.output_helpers import (
+    CONVERSATION,
+    assert_all_blocks_free,
+    client_view,
+    random_prompts,
+    step_until_finished,
+    stop_completed_by_token_8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +67,14 @@ def test_mixed_workload_is_the_same_with_and_without_async_output(tiny_pair: tup
 
 def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tuple[LLM, LLM]) -> None:
     sync, forced = smol_pair
-    free = sync.chat(CONVERSATION, SamplingParams(max_tokens=40, temperature=0.0))[0].outputs[0]
-    pieces = [sync.tokenizer.decode(free.token_ids[: i + 1]) for i in range(len(free.token_ids))]
-    boundary = len(pieces[6])
-    stop = free.text[boundary - 2 : boundary + 2]  # spans tokens 7 and 8: it matches once token 8 is detokenized
-    assert len(pieces[7]) >= boundary + 2 and free.text.index(stop) == boundary - 2
+    free, boundary, stop = stop_completed_by_token_8(sync)
     params = SamplingParams(max_tokens=40, temperature=0.0, stop=[stop], logprobs=2, n=2)
     expected = sync.chat(CONVERSATION, params)[0]
 
     engine = forced.engine
     generated_before = engine.num_generation_tokens
     engine.add_request("stopped", CONVERSATION, params)
-    outputs: list[RequestOutput] = []
-    for _ in range(100):
-        step = engine.step()
-        assert step.failed == []
-        outputs += step.outputs
-        if outputs and outputs[-1].finished:
-            break
-    assert outputs and outputs[-1].finished, "the request never finished"
+    total = step_until_finished(engine)
     # The step that delivered the stop had already launched the choices' next tokens: they are in flight, to be dropped.
     in_flight = engine._in_flight
     assert in_flight is not None and {seq.request_id for seq in in_flight.batch.seqs} == {"stopped"}
@@ -89,9 +82,6 @@ def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tupl
     assert engine.step().outputs == []  # collects and drops them
     assert engine._in_flight is None
 
-    total = RequestOutput("stopped", outputs[0].prompt_token_ids, [])
-    for delta in outputs:
-        merge_delta(total, delta)
     assert client_view(total) == client_view(expected)
     for choice in total.outputs:
         assert choice.text == free.text[: boundary - 2] and (choice.finish_reason, choice.stop_reason) == ("stop", stop)

@@ -17,9 +17,15 @@ from engine.llm_engine import LLMEngine
 from engine.model_runner import InFlight
 from engine.outputs import RequestOutput, merge_delta
 from engine.sequence import PENDING_TOKEN_ID
-from tests.engine.output_helpers import assert_all_blocks_free, client_view, random_prompts
+from tests.engine.output_helpers import (
+    CONVERSATION,
+    assert_all_blocks_free,
+    client_view,
+    random_prompts,
+    step_until_finished,
+    stop_completed_by_token_8,
+)
 
-CONVERSATION = [{"role": "user", "content": "Write three sentences about the ocean."}]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
@@ -142,33 +148,19 @@ def test_fallback_steps_with_structured_penalised_n_and_scoring_requests(tiny_pa
 
 def test_stop_string_ends_a_choice_whose_next_step_is_in_flight(smol_pair: tuple[LLM, LLM]) -> None:
     off, on = smol_pair
-    free = off.chat(CONVERSATION, SamplingParams(max_tokens=40, temperature=0.0))[0].outputs[0]
-    pieces = [off.tokenizer.decode(free.token_ids[: i + 1]) for i in range(len(free.token_ids))]
-    boundary = len(pieces[6])
-    stop = free.text[boundary - 2 : boundary + 2]  # spans tokens 7 and 8: it matches once token 8 is detokenized
-    assert len(pieces[7]) >= boundary + 2 and free.text.index(stop) == boundary - 2
+    free, _, stop = stop_completed_by_token_8(off)
     params = SamplingParams(max_tokens=40, temperature=0.0, stop=[stop], logprobs=2)
     expected = off.chat(CONVERSATION, params)[0]
 
     engine = on.engine
     generated_before = engine.num_generation_tokens
     engine.add_request("stopped", CONVERSATION, params)
-    outputs: list[RequestOutput] = []
-    for _ in range(100):
-        step = engine.step()
-        assert step.failed == []
-        outputs += step.outputs
-        if outputs and outputs[-1].finished:
-            break
-    assert outputs and outputs[-1].finished, "the request never finished"
+    total = step_until_finished(engine)
     in_flight = engine._in_flight  # launched before the step whose text matched the stop string was read back
     assert in_flight is not None and [seq.request_id for seq in in_flight.batch.seqs] == ["stopped"]
     assert not engine.has_unfinished
     assert engine.step().outputs == [] and engine._in_flight is None  # collects and drops it
 
-    total = RequestOutput("stopped", outputs[0].prompt_token_ids, [])
-    for delta in outputs:
-        merge_delta(total, delta)
     got, want = _view(total), _view(expected)
     assert (got[0], got[1][:2]) == (want[0], want[1][:2])  # the prefix cache's hits differ: `off` saw the prompt twice
     assert total.outputs[0].token_ids == free.token_ids[:8]
