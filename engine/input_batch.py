@@ -215,13 +215,13 @@ class InputBatch:
         input_ids: list[int] = []
         starts: list[int] = []
         rows: list[int] = []
-        samples: list[bool] = []  # whether each sequence reaches its last token (batch.samples)
-        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):  # the only Python per sequence
-            start, token_ids = seq.num_computed_tokens, seq.token_ids
-            input_ids += token_ids[start : start + num]
+        samples: list[bool] = []  # whether each sequence reaches its last token, so a token is sampled for it
+        for i, (seq, num) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):  # the only Python per sequence
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + num]
             starts.append(start)
             rows.append(self.rows.update(seq))
-            samples.append(start + num == len(token_ids))
+            samples.append(batch.samples(i))
         num_seqs, num_tokens = len(rows), len(input_ids)
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)  # [num_seqs]
         seq_lens = np.array(starts, dtype=np.int64) + query_lens  # [num_seqs]

@@ -247,8 +247,7 @@ class LLMEngine:
             seq = batch.seqs[i]
             if seq.is_finished:
                 continue
-            request = self.requests[seq.request_id]
-            if seq.num_output_tokens + 1 < request.max_tokens and len(seq) + 1 < self.max_model_len:
+            if not self._ends_by_length(self.requests[seq.request_id], seq, num_more=1):
                 seq.token_ids.append(PENDING_TOKEN_ID)
                 seq.has_pending_token = True
 
@@ -372,9 +371,13 @@ class LLMEngine:
             is_eos = token_id in self.tokenizer.eos_token_ids and not request.params.stop_token_ids
             choice.stop_reason = None if is_eos else token_id
             self._finish_choice(choice, "stop")
-        elif seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
+        elif self._ends_by_length(request, seq):
             self._finish_choice(choice, "length")
         return Accepted(request, choice, token_id, logprobs, is_stop_token)
+
+    def _ends_by_length(self, request: Request, seq: Sequence, num_more: int = 0) -> bool:
+        """Whether the sequence, `num_more` tokens from now, is at its max_tokens or at the context length."""
+        return seq.num_output_tokens + num_more >= request.max_tokens or len(seq) + num_more >= self.max_model_len
 
     def _emit_token(self, accepted: Accepted) -> None:
         """The slow postprocess of one accepted token: its text, stop strings, logprobs entries, into the delta."""
