@@ -22,9 +22,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ import torch
 
 from bench.common import describe_device, emit, free_memory, versions
 from bench.gpu import BenchRequest, _commit, make_workload, run_workload
-from bench.serve import percentile, stop_server
+from bench.serve import percentile, settings_env, start_server, stop_server
 from engine import EngineConfig
 from engine.llm_engine import LLMEngine
 
@@ -120,39 +117,6 @@ def stream_workload(base_url: str, model: str, workload: list[BenchRequest], con
     }  # fmt: skip
 
 
-# --- server ----------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(settings: dict[str, Any], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`sirocco serve` on a free loopback port with exactly these SIROCCO_* settings; returns once /health is 200."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIROCCO_")}
-    for name, value in settings.items():
-        env[f"SIROCCO_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["SIROCCO_LOG_LEVEL"] = "warning"
-    port = _free_port()
-    command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return process, base_url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"the server did not become ready (exit {process.returncode}); its log: {log_path}")
-
-
 # --- main ------------------------------------------------------------------------------------------------------
 
 
@@ -226,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Served, one engine layout at a time.
     for i, mode in enumerate(modes):
         server_settings = {**settings, "engine_process": mode == "process"}
-        process, base_url = start_server(server_settings, log_dir / f"sirocco-gpu-serve-{mode}.log")
+        log_path = log_dir / f"sirocco-gpu-serve-{mode}.log"
+        process, base_url = start_server(settings_env(server_settings), log_path, READY_TIMEOUT_S)
         try:
             model = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
             stream_workload(base_url, model, warm_up, 2, 1)

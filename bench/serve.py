@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -124,13 +125,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    """`sirocco serve` (python -m gateway serve) on a free loopback port; returns once /health answers 200."""
+def start_server(
+    env: dict[str, str], log_path: Path | None = None, ready_timeout_s: float = 600.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`sirocco serve` (python -m gateway serve) on a free loopback port; returns once /health answers 200.
+    `log_path`: append the server's output there (None: this process's stdout and stderr)."""
     port = _free_port()
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, env=env)
+    if log_path is None:
+        process = subprocess.Popen(command, env=env)
+    else:
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
@@ -139,7 +147,9 @@ def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the server did not become ready")
+    process.wait()
+    where = f"; its log: {log_path}" if log_path is not None else ""
+    raise RuntimeError(f"the server did not become ready (exit {process.returncode}){where}")
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
@@ -158,12 +168,18 @@ def prefix_cache_hits(base_url: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def server_env(engine_settings: dict[str, Any], threads: int, model: str | None, cache_dir: str | None) -> dict[str, str]:
-    """This environment without any SIROCCO_* variable (only the settings below reach the server), threads pinned."""
+def settings_env(settings: dict[str, Any]) -> dict[str, str]:
+    """This environment without any SIROCCO_* variable but these settings (as SIROCCO_<NAME>), logging warnings only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIROCCO_")}
-    for name, value in engine_settings.items():
+    for name, value in settings.items():
         env[f"SIROCCO_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    env |= {"SIROCCO_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["SIROCCO_LOG_LEVEL"] = "warning"
+    return env
+
+
+def server_env(engine_settings: dict[str, Any], threads: int, model: str | None, cache_dir: str | None) -> dict[str, str]:
+    """settings_env(engine_settings) with the torch threads pinned, and the model and cache when given."""
+    env = settings_env(engine_settings) | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if model:
         env["SIROCCO_MODEL"] = model
     if cache_dir:
