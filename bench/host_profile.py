@@ -270,20 +270,21 @@ def async_scenario(config: EngineConfig, args: argparse.Namespace, base: dict[st
             records.append(step_record(timer.take(), timer.shape))
 
     llm.step = step_and_record  # type: ignore[method-assign]
-    deliver_s = [0.0]
-    engine._deliver_all = _accumulate(engine._deliver_all, deliver_s)  # type: ignore[method-assign]
-    stats_s = [0.0]
-    llm.stats = _accumulate(llm.stats, stats_s)  # type: ignore[method-assign]
+    outside = PhaseTimer()  # the loop thread's work outside step(): delivery to asyncio, the stats read after each step
+    engine._deliver_all = outside.timed("deliver", engine._deliver_all)  # type: ignore[method-assign]
+    llm.stats = outside.timed("stats", llm.stats)  # type: ignore[method-assign]
     engine.start()
     try:
         with module_patches(timer):
             asyncio.run(run_async(engine, 8, 16, 2, args.seed + 100))  # warm-up
             records.clear()
-            deliver_s[0] = stats_s[0] = timer.thread_s = 0.0
+            outside.take()
+            timer.thread_s = 0.0
             num = args.async_requests
             result = asyncio.run(run_async(engine, num, args.prompt_len, args.async_max_tokens, args.seed + 101))
     finally:
         engine.shutdown()
+    deliver_s, stats_s = outside.seconds["deliver"], outside.seconds["stats"]
     tokens, num_steps = result["output_tokens"], max(1, len(records))
     sum_step_s = sum(r["step_us"] for r in records) / 1e6
     decode = [r for r in records if step_class(r, args.max_num_seqs) == "decode" and r["num_decodes"] >= 0.75 * num]
@@ -293,27 +294,15 @@ def async_scenario(config: EngineConfig, args: argparse.Namespace, base: dict[st
             "seconds": round(result["seconds"], 3), "steps": len(records),
             "engine_thread_cpu_s": round(timer.thread_s, 3), "event_loop_cpu_s": round(result["loop_cpu_s"], 3),
             "sum_step_s": round(sum_step_s, 3),
-            "deliver_us_per_token": round(deliver_s[0] / tokens * 1e6, 2),
-            "deliver_us_per_step": round(deliver_s[0] / num_steps * 1e6, 1),
-            "stats_us_per_step": round(stats_s[0] / num_steps * 1e6, 1),
+            "deliver_us_per_token": round(deliver_s / tokens * 1e6, 2),
+            "deliver_us_per_step": round(deliver_s / num_steps * 1e6, 1),
+            "stats_us_per_step": round(stats_s / num_steps * 1e6, 1),
             "event_loop_us_per_token": round(result["loop_cpu_s"] / tokens * 1e6, 2),
             "loop_overhead_us_per_step": round((result["seconds"] - sum_step_s) / num_steps * 1e6, 1),
             "decode_steps": summarize(decode) if decode else None,
         },
         args.out,
     )  # fmt: skip
-
-
-def _accumulate(fn: Callable[..., Any], total_s: list[float]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start_s = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            total_s[0] += time.perf_counter() - start_s
-
-    return wrapper
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
