@@ -4,7 +4,7 @@ Logits are computed only at the positions that sample (the last token of each se
 every prompt position of sequences that ask for prompt logprobs (logprobs.py scores those).
 On CUDA, unless enforce_eager, pure-decode steps replay CUDA graphs (cuda_graphs.py) instead of running eagerly.
 launch() queues a step on the device and returns an InFlight handle of device tensors; InFlight.result() reads them
-back, the one point where the host waits for the device. execute() is both in one call.
+back, the one point where the host waits for the device.
 Look-ahead scheduling (llm_engine.py) launches a step before the previous one's result is read: `pending` names the
 rows whose last input token is still on the device, in the previous step's sampled-token tensor; they get it by a
 device-side copy after the inputs are uploaded (stream-ordered after that sampling; on CPU it has already run). On CUDA
@@ -98,16 +98,6 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference
             self.decode_graphs = DecodeGraphs(model, kv_cache, self.inputs, max_num_seqs)
-
-    def execute(
-        self,
-        batch: ScheduledBatch,
-        rows: list[SampleRow],
-        prompt_logprobs: list[int | None] | None = None,
-        token_mask: TokenBitmask | None = None,
-    ) -> RunnerOutput:
-        """Run one step and wait for its outputs (launch(...).result())."""
-        return self.launch(batch, rows, prompt_logprobs, token_mask).result()
 
     @torch.inference_mode()
     def launch(
