@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from engine.config import ConfigError, EngineConfig
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
 from engine.model.parallel import WHOLE, Partition
+from engine.model.quant_kernels import load_quant_kernel
+from engine.model.quant_linear import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +135,15 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(
-    model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, partition: Partition = WHOLE
+    model_dir: Path,
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    partition: Partition = WHOLE,
+    quantization: Quantization | None = None,
 ) -> MistralForCausalLM:
-    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices)."""
+    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices);
+    with `quantization`, the projections and lm_head are then quantized (the float copies freed as they are replaced)."""
     start = time.perf_counter()
     files = _safetensors_files(model_dir)
     with torch.device("meta"):
@@ -164,11 +173,45 @@ def load_model(
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
         )
     model.model.rotary_emb.build(device, dtype)
+    if quantization is not None:
+        quantize(model, quantization, device, dtype)
     if partition.rank == 0:  # only rank 0 computes logits
         model.pack_cpu_logits()
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    """EngineConfig's quantization settings, and where the CPU kernel is built."""
+
+    method: str  # "int8" | "int4"
+    group_size: int
+    kernel_dir: Path  # the C kernel's build cache (CPU fp32 only)
+
+
+def quantization_of(config: EngineConfig, kernel_dir: Path) -> Quantization | None:
+    return None if config.quantization is None else Quantization(config.quantization, config.quantization_group_size, kernel_dir)
+
+
+def quantize(model: MistralForCausalLM, quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize a loaded float model in place; the group size must divide every projection's input size."""
+    c = model.config
+    in_sizes = {c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size // model.partition.world_size}
+    if any(size % quantization.group_size for size in in_sizes):
+        raise ConfigError(
+            "quantization_group_size",
+            f"quantization_group_size {quantization.group_size} must divide the model's layer input sizes "
+            f"({', '.join(map(str, sorted(in_sizes)))}); try 32",
+        )
+    start = time.perf_counter()
+    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    kernel = load_quant_kernel(quantization.kernel_dir) if is_cpu_fp32 else None
+    quantize_model(model, quantization.method, quantization.group_size, kernel)
+    path = "C kernel" if kernel is not None else "PyTorch dequantize + matmul"
+    logger.info("quantized to %s (group %d, %s) in %.1fs", quantization.method, quantization.group_size, path,
+                time.perf_counter() - start)  # fmt: skip
 
 
 def _read_tensor(f: Any, name: str, shard: tuple[int, int, int] | None) -> torch.Tensor:
