@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
 # From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon).
-MIN_GEMM_ROWS = {"int4": 16, "int8": 16}
+MIN_GEMM_ROWS = {"int4": 24, "int8": 24}
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,42 +67,83 @@ KERNEL static void quantize_row(const float *x, int64_t nb, int8_t *qx, float *d
   }
 }
 
-/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int4. */
-KERNEL static void dot_q4(const uint8_t *qs, const uint16_t *d, const uint16_t *z, const int8_t *qx, const float *dx,
-                          const float *sx, int64_t nb, int rows, float *res /* [rows] */) {
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  float zacc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t b = 0; b < nb; b++) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
-    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low_mask);
-    const float wd = half_to_float(d[b]), wz = half_to_float(z[b]);
-    for (int r = 0; r < rows; r++) {
-      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);  // 8 x int32, exact
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
-      zacc[r] += wz * sx[r * nb + b];
-    }
-  }
-  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]) + zacc[r];
+KERNEL static inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
 }
 
-/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int8 (sign moved onto x so maddubs sees |w|). */
-KERNEL static void dot_q8(const int8_t *qs, const uint16_t *d, const int8_t *qx, const float *dx, int64_t nb, int rows,
-                          float *res /* [rows] */) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < nb; b++) {
-    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * 32));
-    const __m256i w_abs = _mm256_sign_epi8(w, w);
-    const float wd = half_to_float(d[b]);
-    for (int r = 0; r < rows; r++) {
-      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w)), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
+/* v[j] holds block j's 8 int32 partial sums -> one vector of the 8 blocks' totals, in block order. */
+KERNEL static inline __m256i sum_8_blocks(const __m256i v[8]) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20), _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+/* 32 products of one block, summed exactly into 8 int32: w unsigned (int4 values, or |w| for int8), x signed. */
+KERNEL static inline __m256i block_products(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+
+/* One activation row against one int4 weight row, w unpacked to one value per byte (wq [nb * 32]). Eight blocks at a
+ * time: their exact integer sums are gathered into one vector, then scaled by d * dx and summed with the zero terms
+ * z * sx, eight blocks per instruction. The order of operations depends on nothing but K: a row's result is the same
+ * in any batch. */
+KERNEL static float dot_q4(const uint8_t *wq, const uint16_t *d, const uint16_t *z, const int8_t *qx, const float *dx,
+                           const float *sx, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps(), zacc = _mm256_setzero_ps();
+  float tail = 0.f;
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256i v[8];
+    for (int j = 0; j < 8; j++) {
+      const int64_t o = (b + j) * 32;
+      v[j] = block_products(_mm256_loadu_si256((const __m256i *)(wq + o)), _mm256_loadu_si256((const __m256i *)(qx + o)));
     }
+    const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))), _mm256_loadu_ps(dx + b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_8_blocks(v)), scale, acc);
+    zacc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + b))), _mm256_loadu_ps(sx + b), zacc);
   }
-  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]);
+  for (; b < nb; b++) {
+    const __m256i v = block_products(_mm256_loadu_si256((const __m256i *)(wq + b * 32)), _mm256_loadu_si256((const __m256i *)(qx + b * 32)));
+    tail += (float)hsum_i32(v) * (half_to_float(d[b]) * dx[b]) + half_to_float(z[b]) * sx[b];
+  }
+  return hsum(_mm256_add_ps(acc, zacc)) + tail;
+}
+
+/* One activation row against one int8 weight row (qs [nb * 32]); the sign of w moves onto x so maddubs sees |w|. */
+KERNEL static float dot_q8(const int8_t *qs, const uint16_t *d, const int8_t *qx, const float *dx, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  float tail = 0.f;
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256i v[8];
+    for (int j = 0; j < 8; j++) {
+      const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + (b + j) * 32));
+      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + (b + j) * 32));
+      v[j] = block_products(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    }
+    const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))), _mm256_loadu_ps(dx + b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_8_blocks(v)), scale, acc);
+  }
+  for (; b < nb; b++) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * 32));
+    const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + b * 32));
+    tail += (float)hsum_i32(block_products(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))) * (half_to_float(d[b]) * dx[b]);
+  }
+  return hsum(acc) + tail;
+}
+
+/* Weight row n of int4 -> one value per byte in wq [nb * 32], in k order (read once, then used by every activation row). */
+KERNEL static void unpack_q4_row(const uint8_t *qs, int64_t nb, uint8_t *wq) {
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; b++) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
+    _mm_storeu_si128((__m128i *)(wq + b * 32), _mm_and_si128(raw, low_mask));
+    _mm_storeu_si128((__m128i *)(wq + b * 32 + 16), _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask));
+  }
 }
 
 /* Quantize the M activation rows into one buffer: qx [M, K] int8, then dx and sx [M, nb] fp32. NULL when out of memory. */
@@ -142,13 +183,15 @@ KERNEL int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, co
   float *dx, *sx;
   int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
   if (qx == NULL) return -1;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
-    float res[4];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      dot_q4(qs + n * nb * 16, d + n * nb, z + n * nb, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, nb, rows, res);
-      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
+#pragma omp parallel
+  {
+    uint8_t wq[K];  // this thread's unpacked weight row (K bytes: 14 KiB for Mistral-7B's down_proj)
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+      unpack_q4_row(qs + n * nb * 16, nb, wq);
+      for (int64_t m = 0; m < M; m++) {
+        out[m * N + n] = dot_q4(wq, d + n * nb, z + n * nb, qx + m * K, dx + m * nb, sx + m * nb, nb);
+      }
     }
   }
   free(qx);
@@ -162,12 +205,7 @@ KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, con
   if (qx == NULL) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; n++) {
-    float res[4];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      dot_q8(qs + n * K, d + n * nb, qx + m0 * K, dx + m0 * nb, nb, rows, res);
-      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
-    }
+    for (int64_t m = 0; m < M; m++) out[m * N + n] = dot_q8(qs + n * K, d + n * nb, qx + m * K, dx + m * nb, nb);
   }
   free(qx);
   return 0;
