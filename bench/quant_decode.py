@@ -2,7 +2,8 @@
 
 For each (weights, concurrency): `concurrency` random-token prompts of 16 tokens generate `--tokens` tokens each (greedy,
 EOS ignored) through LLM.generate; prefill is timed apart by a 1-token warm-up run of the same prompts, so the line
-reports decode tokens per second (wall and per CPU-second of this process, the steadier figure on a shared machine).
+reports decode tokens per second (wall and per CPU-second of this process, the steadier figure on a shared machine
+with one thread; with more, OpenMP threads spinning on a busy machine count as CPU time too).
 
     python -m bench.quant_decode --out bench/results/quant-decode-cpu.jsonl
 """
@@ -23,10 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads; default: every core")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    threads = set_threads()
+    threads = set_threads() if args.threads is None else args.threads
     rng = random.Random(0)
     for weights in args.weights:
         quantization = None if weights == "float32" else weights
