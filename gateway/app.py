@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine import AsyncEngine
+from engine import EngineClient
 from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.errors import APIError, handle_api_error, handle_http_exception
@@ -45,7 +45,7 @@ def package_version() -> str:
     return "0.0.0"  # running from a source tree that is not installed
 
 
-def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     state = GatewayState(settings, engine)
     spec = openapi_spec("Sirocco", package_version())

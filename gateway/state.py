@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine import AsyncEngine, EngineStats
+from engine import EngineClient, EngineStats
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -19,7 +19,7 @@ from gateway.settings import Settings
 @dataclass
 class GatewayState:
     settings: Settings
-    engine: AsyncEngine | None = None  # None until the lifespan has loaded it
+    engine: EngineClient | None = None  # None until the lifespan has loaded it
     load_error: str | None = None  # why loading the engine failed; the server then exits
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -49,12 +49,12 @@ class GatewayState:
         if self.engine is not None:
             threading.Thread(target=self.engine.shutdown, name="sirocco-engine-stop", daemon=True).start()
 
-    def system_fingerprint(self, engine: AsyncEngine) -> str:
+    def system_fingerprint(self, engine: EngineClient) -> str:
         """OpenAI's `system_fingerprint`: `fp_` + a short hash of the served name and the engine's own fingerprint."""
         digest = hashlib.sha256(f"{self.settings.model_name}\0{engine.fingerprint}".encode()).hexdigest()
         return f"fp_{digest[:10]}"
 
-    def require_engine(self) -> AsyncEngine:
+    def require_engine(self) -> EngineClient:
         """The engine, or 503 while it is not loaded, has died, or the server is draining."""
         if self.is_draining:
             raise APIError(503, "The server is shutting down.", code="draining")

@@ -12,11 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from engine import ChatPrompt, ChatTemplateInfo
+from engine import ChatPrompt, ChatTemplateInfo, Prompt
 from gateway.protocol import ChatCompletionRequest
 from gateway.tool_parsers import HERMES, MISTRAL, ToolFormat
-
-Prompt = ChatPrompt | list[dict[str, Any]]
 
 _TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
