@@ -12,18 +12,10 @@ import signal
 
 import pytest
 
-from engine import (
-    AsyncEngine,
-    ConfigError,
-    EngineConfig,
-    EngineDeadError,
-    EngineOverloadedError,
-    InvalidRequestError,
-    RequestFailedError,
-    SamplingParams,
-)
+from engine import AsyncEngine, ConfigError, EngineConfig, SamplingParams
 from engine.core_client import ProcessCoreClient
 from engine.engine_core import EngineCore, StepReport, error_info, rebuild_error
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.loader import ModelLoadError
 from engine.outputs import EngineStats, RequestOutput
 
