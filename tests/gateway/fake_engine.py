@@ -18,18 +18,15 @@ from engine import (
     ChatPrompt,
     ChatTemplateInfo,
     CompletionOutput,
-    EngineDeadError,
-    EngineOverloadedError,
     EngineStats,
-    InvalidRequestError,
     Logprob,
     Prompt,
-    RequestFailedError,
     RequestOutput,
     SamplingParams,
     TokenLogprobs,
     Usage,
 )
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 
 
 def _prompt_ids(prompt: Prompt) -> list[int]:
