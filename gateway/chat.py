@@ -18,7 +18,7 @@ from engine import ChatTemplateInfo, CompletionOutput, TokenLogprobs
 from gateway.body import parse_body
 from gateway.constraints import tool_constraint
 from gateway.protocol import ChatCompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,

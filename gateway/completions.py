@@ -17,7 +17,7 @@ from starlette.responses import Response
 from engine import AsyncEngine, TokenLogprobs
 from gateway.body import parse_body
 from gateway.protocol import CompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,

@@ -1,4 +1,4 @@
-"""Response and stream-chunk models, shaped exactly like OpenAI's, and the two logprobs formats.
+"""Reply and stream-chunk models of /v1/completions and /v1/chat/completions, shaped like OpenAI's; the logprobs formats.
 
 Split from protocol.py (requests) to keep each under one screenful of models; both feed /openapi.json.
 """
