@@ -69,6 +69,7 @@ class _Reply:
 
 async def create_chat_completion(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    state.metrics.received.labels("chat_completions").inc()
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_body_bytes)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests, tool_format = await submit_chat(state, response_id, body)

@@ -167,6 +167,7 @@ async def _submit(state: GatewayState, turn: _Turn) -> tuple[EngineRequests, Too
 
 async def create_response(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    state.metrics.received.labels("responses").inc()
     turn = await _read_turn(request, state)
     if turn.body.background:
         return await _start_background(state, turn)

@@ -76,7 +76,11 @@ def test_text_reply_has_a_message_item_usage_and_incomplete_when_cut(client: Tes
 def test_items_become_the_chat_messages(client: TestClient, engine: FakeEngine) -> None:
     items = [
         {"role": "developer", "content": "dev rules"},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+        },
         {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "calling"}]},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -265,3 +269,13 @@ def test_engine_failure_mid_stream_ends_with_response_failed(client: TestClient)
     events = stream_events(client, input="FAIL_MID please")
     assert events[-1][0] == "response.failed"
     assert events[-1][1]["response"]["error"]["code"] == "request_failed"
+
+
+def test_requests_are_counted_by_endpoint(client: TestClient) -> None:
+    create(client, input="hi")
+    client.post("/v1/responses", json={"model": MODEL, "input": "hi", "truncation": "auto"})
+    client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    samples = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if not line.startswith("#"))
+    assert float(samples['sirocco_requests_received_total{endpoint="responses"}']) == 2
+    assert float(samples['sirocco_requests_received_total{endpoint="chat_completions"}']) == 1
+    assert float(samples['sirocco_requests_received_total{endpoint="completions"}']) == 0
