@@ -264,3 +264,28 @@ def test_previous_response_id_survives_a_restart(
             assert sdk.responses.retrieve(first.id).output_text == "Hello"
     assert second.output_text == "Hello" and second.usage is not None and first.usage is not None
     assert second.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt
+
+
+def test_previous_response_id_across_replicas_sharing_redis(
+    tmp_path: pathlib.Path, hello_model_dir: pathlib.Path, redis_url: str
+) -> None:
+    """Two servers on one Redis, as replicas behind a Service: a turn stored by one is continued through the other."""
+    settings = {**hello_server_settings(tmp_path / "unused.sqlite3", hello_model_dir), "SIROCCO_RESPONSES_STORE": redis_url}
+    replicas = [ServerProcess(tmp_path / f"replica{i}.log", settings) for i in range(2)]  # both load at once
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        first_url, second_url = (f"{replica.base_url}/v1" for replica in replicas)
+        with openai.OpenAI(base_url=first_url, api_key="unused", max_retries=0) as first_sdk:
+            first = first_sdk.responses.create(model=TINY, input="Greet me.")
+        with openai.OpenAI(base_url=second_url, api_key="unused", max_retries=0) as second_sdk:
+            second = second_sdk.responses.create(model=TINY, input="Again.", previous_response_id=first.id)
+            assert second_sdk.responses.retrieve(first.id).id == first.id
+            items = second_sdk.responses.input_items.list(second.id)
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert second.status == "completed" and second.output_text == "Hello"
+    assert second.usage is not None and first.usage is not None and second.usage.input_tokens > first.usage.input_tokens
+    assert [item.type for item in items.data] == ["message"]
+    assert not (tmp_path / "unused.sqlite3").exists()  # the store was Redis, not a file
