@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,6 +56,11 @@ from gateway.streaming import SSE_SEPARATOR, EngineRequests, collect_unless_disc
 from gateway.tool_parsers import ToolFormat
 
 _MAX_PAGE = 100
+logger = logging.getLogger(__name__)
+
+
+def _store_failed(exc: ResponseStoreError) -> APIError:
+    return APIError(503, f"The response store failed: {exc}", code="store_unavailable")
 
 
 def _owner(request: Request, state: GatewayState) -> str:
@@ -133,7 +139,7 @@ class _Turn:
         except ResponseTooLargeError as exc:
             raise bad_request(f"The response is too large to store ({exc}); set store to false", param="store") from exc
         except ResponseStoreError as exc:
-            raise APIError(503, f"The response store failed: {exc}", code="store_unavailable") from exc
+            raise _store_failed(exc) from exc
 
 
 def _usage(usage: Usage) -> ResponseUsage:
@@ -151,7 +157,10 @@ async def _read_turn(request: Request, state: GatewayState) -> _Turn:
     check_unsupported(body)
     owner = _owner(request, state)
     store = state.require_store()
-    history = await load_history(store, body.previous_response_id, owner) if body.previous_response_id else []
+    try:
+        history = await load_history(store, body.previous_response_id, owner) if body.previous_response_id else []
+    except ResponseStoreError as exc:
+        raise _store_failed(exc) from exc
     items = input_items(body, history)
     tools = chat_tools(body, rejects_hosted=state.settings.responses_hosted_tools == "reject")
     chat = chat_request(body, chat_messages(body.instructions, [*history, *items]), tools)
@@ -228,6 +237,7 @@ async def _start_background(state: GatewayState, turn: _Turn) -> Response:
 
 
 async def _run_background(state: GatewayState, turn: _Turn) -> None:
+    """Generate, storing in_progress, then the status it ends with; nobody awaits this task, so store failures are logged."""
     builder: OutputBuilder | None = None
     usage: Usage | None = None
     try:
@@ -239,12 +249,15 @@ async def _run_background(state: GatewayState, turn: _Turn) -> None:
                 for delta in output.outputs:
                     builder.feed(delta)
                 usage = output.usage or usage
-        await turn.store(state, turn.finished(builder, usage))
+        final = turn.finished(builder, usage)
     except asyncio.CancelledError:
-        await turn.store(state, turn.response("cancelled", builder, usage))
+        final = turn.response("cancelled", builder, usage)
     except Exception as exc:
-        error = from_engine_error(exc, state.settings.retry_after_s)
-        await turn.store(state, turn.response("failed", builder, usage, error))
+        final = turn.response("failed", builder, usage, from_engine_error(exc, state.settings.retry_after_s))
+    try:
+        await turn.store(state, final)
+    except APIError as exc:
+        logger.error("background response %s ended %s but could not be stored: %s", turn.id, final.status, exc.message)
     finally:
         state.background.pop(turn.id, None)
 
@@ -267,7 +280,7 @@ async def _stored(request: Request) -> tuple[GatewayState, StoredResponse]:
     try:
         record = await state.require_store().get(response_id, _owner(request, state))
     except ResponseStoreError as exc:
-        raise APIError(503, f"The response store failed: {exc}", code="store_unavailable") from exc
+        raise _store_failed(exc) from exc
     if record is None:
         raise APIError(404, f"Response with id {response_id!r} not found.", param="response_id", code="response_not_found")
     return state, record
@@ -286,7 +299,10 @@ async def delete_response(request: Request) -> Response:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    await state.require_store().delete(record.response_id, record.owner)
+    try:
+        await state.require_store().delete(record.response_id, record.owner)
+    except ResponseStoreError as exc:
+        raise _store_failed(exc) from exc
     return Response(DeletedResponse(id=record.response_id).model_dump_json(), media_type="application/json")
 
 
