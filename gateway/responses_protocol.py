@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from gateway.protocol import StrictModel, StructuredOutputsRequest
+from gateway.protocol import FunctionDefinition, StrictModel, StructuredOutputsRequest
 
 _UNSUPPORTED = "not supported by this server"
 HOSTED_TOOLS = (
@@ -128,12 +128,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(StrictModel):
+class FunctionTool(FunctionDefinition):
+    """Chat's function definition, flat: the Responses shape puts `type` beside the name."""
+
     type: Literal["function"]
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object")
-    strict: bool | None = Field(None, description="Strict or not, calls are constrained once they start")
 
 
 class NamespaceTool(StrictModel):
