@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from typing import Any
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -57,10 +58,12 @@ def package_version() -> str:
 def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     state = GatewayState(settings, engine)
-    spec = openapi_spec("Sirocco", package_version())
+    specs: list[dict[str, Any]] = []  # built on the first request (~0.1 s of pydantic schema work most apps never need)
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(spec)
+        if not specs:
+            specs.append(openapi_spec("Sirocco", package_version()))
+        return JSONResponse(specs[0])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
