@@ -67,7 +67,15 @@ _RESPONSE_EVENT = {
     "required": ["event", "data"],
     "properties": {
         "event": {"type": "string", "pattern": "^(response\\.[a-z_.]+|error)$"},
-        "data": {"type": "string", "contentMediaType": "application/json"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["type", "sequence_number"],
+                "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer", "minimum": 0}},
+            },
+        },
     },
 }
 

@@ -166,6 +166,16 @@ def test_streams_conform_to_the_openapi_event_schema(server: Server, path: str, 
     case.validate_response(response, checks=[response_schema_conformance])
 
 
+def test_responses_stream_conforms_to_the_openapi_event_schema(server: Server) -> None:
+    """Every event of a real /v1/responses stream (its `event:` line and JSON data) passes schemathesis' SSE check."""
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.base_url}/openapi.json").json())
+    body = {"model": MODEL, "input": "Hello", "max_output_tokens": 4, "stream": True}
+    case = schema["/v1/responses"]["POST"].Case(body=body, media_type="application/json")
+    response = case.call(base_url=server.base_url, timeout=60)
+    assert response.status_code == 200 and "event: response.output_text.delta" in response.text, response.text[-300:]
+    case.validate_response(response, checks=[response_schema_conformance])
+
+
 # --- hand-written hostile requests -----------------------------------------------------------------------------
 
 
