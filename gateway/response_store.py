@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import pathlib
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from gateway.settings import Settings, env_name
+from gateway.settings import Settings
 
 T = TypeVar("T")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -53,7 +54,11 @@ class ResponseStore(Protocol):
 
 
 class ResponseStoreConfigError(ValueError):
-    """SIROCCO_RESPONSES_STORE names no usable backend (unknown scheme, or the redis package is missing)."""
+    """The settings name no usable store: an unknown scheme, no redis package, or a SQLite file that cannot be written."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field  # the Settings field to fix
 
 
 class ResponseTooLargeError(ValueError):
@@ -94,7 +99,7 @@ def redacted(url: str) -> str:
 
 
 def store_kind(settings: Settings) -> str:
-    """'sqlite' or 'redis' for settings.responses_store; ResponseStoreConfigError naming the setting otherwise."""
+    """'sqlite' or 'redis' for settings.responses_store; ResponseStoreConfigError otherwise."""
     value = settings.responses_store
     if value == "sqlite":
         return "sqlite"
@@ -102,13 +107,26 @@ def store_kind(settings: Settings) -> str:
         try:
             import redis.asyncio  # noqa: F401 - only whether it is installed
         except ImportError as exc:
-            raise ResponseStoreConfigError(
-                f"{env_name('responses_store')}={redacted(value)} needs the redis package: pip install 'sirocco-llm[redis]'"
-            ) from exc
+            message = f"{redacted(value)} needs the redis package: pip install 'sirocco-llm[redis]'"
+            raise ResponseStoreConfigError("responses_store", message) from exc
         return "redis"
-    raise ResponseStoreConfigError(
-        f"{env_name('responses_store')}={redacted(value)}: expected sqlite or a redis://, rediss:// or unix:// URL"
-    )
+    message = f"{redacted(value)!r} is neither sqlite nor a redis://, rediss:// or unix:// URL"
+    raise ResponseStoreConfigError("responses_store", message)
+
+
+def check_store(settings: Settings) -> None:
+    """At start, before the model loads, without creating anything: the backend is usable as far as can be told
+    offline (Redis is reached on first use); ResponseStoreConfigError naming the setting otherwise."""
+    if store_kind(settings) != "sqlite":
+        return
+    path = sqlite_path(settings)
+    folder = next(parent for parent in path.parents if parent.exists())  # the folder that is there, or will hold it
+    is_writable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    if path.exists():
+        is_writable = path.is_file() and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    if not is_writable:
+        field = "responses_store_path" if settings.responses_store_path else "cache_dir"
+        raise ResponseStoreConfigError(field, f"cannot write the response store {path} (SQLite; or set a Redis URL)")
 
 
 def sqlite_path(settings: Settings) -> pathlib.Path:

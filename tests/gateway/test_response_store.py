@@ -290,10 +290,24 @@ def test_open_store_picks_the_backend(tmp_path: pathlib.Path, redis_url: str) ->
 
 
 def test_open_store_refuses_unknown_backends_without_showing_passwords() -> None:
-    with pytest.raises(ResponseStoreConfigError, match="SIROCCO_RESPONSES_STORE=http://u:\\*\\*\\*@host") as caught:
+    with pytest.raises(ResponseStoreConfigError, match="'http://u:\\*\\*\\*@host' is neither sqlite nor a redis://") as caught:
         open_store(Settings(responses_store="http://u:hunter2@host"))
-    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in str(caught.value) and caught.value.field == "responses_store"
     assert redacted("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+
+
+def test_startup_refuses_a_store_it_cannot_use(tmp_path: pathlib.Path) -> None:
+    """sirocco serve says so in one line before the model loads, and creates nothing while checking."""
+    from gateway.startup import StartupError, check_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StartupError, match=r"^--responses-store-path / SIROCCO_RESPONSES_STORE_PATH: cannot write"):
+        check_settings(Settings(responses_store_path=str(blocker / "responses.sqlite3")))
+    with pytest.raises(StartupError, match=r"^--responses-store / SIROCCO_RESPONSES_STORE: 'memcached://h' is neither"):
+        check_settings(Settings(responses_store="memcached://h"))
+    check_settings(Settings(cache_dir=str(tmp_path / "new" / "cache")))
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_redis_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
