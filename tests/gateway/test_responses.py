@@ -4,7 +4,6 @@ the stream's event sequence, tool calls, previous_response_id, ownership, backgr
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import pytest
@@ -24,21 +23,6 @@ CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine(max_model_len=4096)  # room for the tools' system prompt
-
-
-@pytest.fixture
-def make(make_client: ClientFactory, tmp_path: pathlib.Path) -> ClientFactory:
-    """make(**settings): a client whose response store is a SQLite file of this test."""
-
-    def make_with_store(**settings: Any) -> TestClient:
-        return make_client(responses_store_path=str(tmp_path / "responses.sqlite3"), **settings)
-
-    return make_with_store
-
-
-@pytest.fixture
-def client(make: ClientFactory) -> TestClient:
-    return make()
 
 
 def create(client: TestClient, **body: Any) -> dict[str, Any]:
@@ -144,10 +128,10 @@ def test_namespace_functions_are_offered_and_calls_name_their_namespace(client: 
     assert "get_weather" in prompt_messages(engine)[0]["content"]
 
 
-def test_hosted_tools_are_left_out_or_a_400_by_setting(make: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
-    reply = create(make(), input="hi", tools=[{"type": "web_search", "external_web_access": False}])
+def test_hosted_tools_are_left_out_or_a_400_by_setting(make_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
+    reply = create(make_client(), input="hi", tools=[{"type": "web_search", "external_web_access": False}])
     assert reply["status"] == "incomplete" and "web_search" in caplog.text
-    strict = make(responses_hosted_tools="reject")
+    strict = make_client(responses_hosted_tools="reject")
     response = strict.post("/v1/responses", json={"model": MODEL, "input": "hi", "tools": [{"type": "file_search"}]})
     assert response.status_code == 400 and "'file_search'" in response.json()["error"]["message"]
     assert response.json()["error"]["param"] == "tools"
@@ -203,8 +187,8 @@ def test_unknown_item_and_tool_types_are_400s(client: TestClient) -> None:
         assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_chat_path_errors_name_the_responses_fields(make: ClientFactory) -> None:
-    client = make(max_tokens_limit=100)
+def test_chat_path_errors_name_the_responses_fields(make_client: ClientFactory) -> None:
+    client = make_client(max_tokens_limit=100)
     body = {"model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}
     response = client.post("/v1/responses", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == "text"
@@ -233,8 +217,8 @@ def test_input_items_are_paginated(client: TestClient) -> None:
     assert client.get(f"/v1/responses/{reply['id']}/input_items", params={"limit": 0}).status_code == 400
 
 
-def test_another_key_gets_404(make: ClientFactory) -> None:
-    client = make(api_keys="key-a,key-b")
+def test_another_key_gets_404(make_client: ClientFactory) -> None:
+    client = make_client(api_keys="key-a,key-b")
     reply = client.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers={"Authorization": "Bearer key-a"})
     assert reply.status_code == 200
     rid = reply.json()["id"]
@@ -246,8 +230,8 @@ def test_another_key_gets_404(make: ClientFactory) -> None:
     assert client.get(f"/v1/responses/{rid}", headers={"Authorization": "Bearer key-a"}).status_code == 200
 
 
-def test_background_is_polled_and_cancelled(make: ClientFactory, engine: FakeEngine) -> None:
-    client = make()
+def test_background_is_polled_and_cancelled(make_client: ClientFactory, engine: FakeEngine) -> None:
+    client = make_client()
     queued = create(client, input="SLOW hi", background=True, max_output_tokens=2)
     assert queued["status"] == "queued" and queued["background"] is True
 
