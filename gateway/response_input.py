@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.errors import APIError, bad_request, from_validation_error
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, SamplingExtras
 from gateway.response_store import ResponseStore
 from gateway.responses_protocol import (
     IGNORED_INCLUDES,
@@ -201,17 +201,11 @@ def chat_request(body: ResponsesRequest, messages: list[dict[str, Any]], tools: 
         "tool_choice": tool_choice,
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body),
-        "structured_outputs": body.structured_outputs,
         "seed": body.seed,
         "stop": body.stop,
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
-        "top_k": body.top_k,
-        "min_p": body.min_p,
-        "repetition_penalty": body.repetition_penalty,
-        "min_tokens": body.min_tokens,
-        "ignore_eos": body.ignore_eos,
-        "stop_token_ids": body.stop_token_ids,
+        **{name: getattr(body, name) for name in SamplingExtras.model_fields},
     }
     try:
         return ChatCompletionRequest.model_validate({key: value for key, value in fields.items() if value is not None})

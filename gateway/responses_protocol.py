@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from gateway.protocol import FunctionDefinition, StrictModel, StructuredOutputsRequest
+from gateway.protocol import FunctionDefinition, SamplingExtras, StrictModel
 
 _UNSUPPORTED = "not supported by this server"
 HOSTED_TOOLS = (
@@ -187,7 +187,7 @@ class ResponseStreamOptions(StrictModel):
 Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
-class ResponsesRequest(StrictModel):
+class ResponsesRequest(SamplingExtras):
     """POST /v1/responses."""
 
     # field name -> values that mean "not used" (anything else is a 400 naming the field)
@@ -233,18 +233,11 @@ class ResponsesRequest(StrictModel):
     conversation: Any = Field(None, description=f"{_UNSUPPORTED}: use previous_response_id")
     prompt: Any = Field(None, description=f"Prompt templates are {_UNSUPPORTED}")
     context_management: Any = Field(None, description=_UNSUPPORTED)
-    # the sampling extras chat accepts (vLLM's names)
+    # chat's sampling fields that the Responses API lacks (vLLM's extras come from SamplingExtras)
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    structured_outputs: StructuredOutputsRequest | None = Field(None, description="vLLM's constrained-output extra")
 
     def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem | ItemReference]:
         """The input as a list of items (a string is one user message)."""

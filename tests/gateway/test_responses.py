@@ -263,3 +263,10 @@ def test_requests_are_counted_by_endpoint(client: TestClient) -> None:
     assert float(samples['sirocco_requests_received_total{endpoint="responses"}']) == 2
     assert float(samples['sirocco_requests_received_total{endpoint="chat_completions"}']) == 1
     assert float(samples['sirocco_requests_received_total{endpoint="completions"}']) == 0
+
+
+def test_sampling_fields_reach_the_engine(client: TestClient, engine: FakeEngine) -> None:
+    create(client, input="hi", temperature=0.5, top_p=0.9, seed=7, stop=["zz"], top_k=5, min_tokens=1, repetition_penalty=1.1)
+    _, params = list(engine.requests.values())[-1]
+    assert (params.temperature, params.top_p, params.seed, params.top_k, params.min_tokens) == (0.5, 0.9, 7, 5, 1)
+    assert params.repetition_penalty == 1.1 and params.max_tokens == 3 and "zz" in params.stop_strings
