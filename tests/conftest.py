@@ -25,7 +25,11 @@ def embedded_model_dir() -> pathlib.Path:
 
 
 def write_tiny_mistral(
-    out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None, num_key_value_heads: int = 2
+    out_dir: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+    sliding_window: int | None,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
 ) -> pathlib.Path:
     """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
     import torch
@@ -40,7 +44,7 @@ def write_tiny_mistral(
         num_attention_heads=4,
         num_key_value_heads=num_key_value_heads,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # transformers 5 spelling of rope_theta
         sliding_window=sliding_window,
         bos_token_id=tokenizer.bos_token_id,
