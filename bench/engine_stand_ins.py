@@ -1,5 +1,5 @@
-"""Engine stand-ins for bench/http_ceiling.py: ZeroCostEngine (AsyncEngine's interface, every delta ready at once) and
-PacedCore (LLMEngine's interface as AsyncEngine drives it, stepping at a fixed rate, under the real AsyncEngine).
+"""Engine stand-ins for bench/http_ceiling.py: ZeroCostEngine (an engine.EngineClient, every delta ready at once) and
+PacedCore (LLMEngine's interface as the engine core drives it, stepping at a fixed rate, under the real AsyncEngine).
 """
 
 from __future__ import annotations
@@ -10,15 +10,27 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
-from engine import AsyncEngine, CompletionOutput, EngineConfig, EngineStats, RequestOutput, SamplingParams, Usage, async_engine
+from engine import (
+    AsyncEngine,
+    ChatTemplateInfo,
+    CompletionOutput,
+    EngineConfig,
+    EngineStats,
+    Prompt,
+    RequestOutput,
+    SamplingParams,
+    Usage,
+)
 from engine.llm_engine import StepResult
 
 WORD = " x"  # the text of one token: a chunk's token count is its number of words
+NO_TOOLS = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
 
 
 class ZeroCostEngine:
-    """AsyncEngine's interface (what the gateway calls); every delta is ready at once, `tokens_per_delta` tokens each.
+    """An EngineClient (what the gateway calls); every delta is ready at once, `tokens_per_delta` tokens each.
 
     One `asyncio.sleep(0)` before each delta gives the other streams their turn, as a real engine's per-step delivery does.
     """
@@ -26,6 +38,8 @@ class ZeroCostEngine:
     def __init__(self, tokens_per_delta: int, max_model_len: int = 1 << 20) -> None:
         self.tokens_per_delta = tokens_per_delta
         self.max_model_len = max_model_len
+        self.fingerprint = "zero-cost"
+        self.chat_template_info = NO_TOOLS
         self.is_alive = True
         self.num_running = 0
         self.num_generation_tokens = 0
@@ -41,6 +55,17 @@ class ZeroCostEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return WORD * len(token_ids)
+
+    def tokenize(
+        self, prompt: str | list[dict[str, str]], *, add_special_tokens: bool, add_generation_prompt: bool = True
+    ) -> list[int]:
+        return [1, 2, 3]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.decode(token_ids)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [WORD] * len(token_ids)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -58,7 +83,7 @@ class ZeroCostEngine:
             prefix_cache_hits=0,
         )
 
-    async def generate(self, request_id: str, prompt: object, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         prompt_ids = [1, 2, 3]
         max_tokens = params.max_tokens or 16
         num_sent = 0
@@ -97,8 +122,12 @@ class PacedCore:
         self.report_path = report_path  # (num_steps, late_s) so far, rewritten every 20 steps
         self.num_steps = 0
         self.late_s = 0.0
+        self.model_dir = Path("paced")  # no tokenizer files: thread mode only
         self.max_model_len = 1 << 20
+        self.vocab_size = 1 << 20
+        self.fingerprint = "paced"
         self.tokenizer = self
+        self.chat_template_info = NO_TOOLS
         self._running: dict[str, list[int]] = {}  # request id -> [max_tokens, tokens sent]
         self._next_step_s = time.perf_counter()
         self.num_generation_tokens = 0
@@ -106,14 +135,17 @@ class PacedCore:
     def decode(self, token_ids: list[int]) -> str:
         return WORD * len(token_ids)
 
-    def prepare(self, prompt: object, params: SamplingParams) -> list[int]:
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         return [1, 2, 3]
+
+    def close(self) -> None:
+        pass
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self._running)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_prepared(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if not self._running:  # out of idle: the first step is due now
             self._next_step_s = time.perf_counter() - self.step_s
         self._running[request_id] = [params.max_tokens or 16, 0]
@@ -153,7 +185,6 @@ class PacedCore:
 def paced_engine(step_s: float, report_path: str) -> AsyncEngine:
     """The real AsyncEngine (thread, queues, delta joining) over PacedCore instead of a model."""
     core = functools.partial(PacedCore, step_s=step_s, report_path=report_path)
-    async_engine.LLMEngine = core  # type: ignore[misc]  # in this server process only
-    engine = AsyncEngine(EngineConfig())
+    engine = AsyncEngine(EngineConfig(), make_engine=core)
     engine.start()
     return engine

@@ -37,6 +37,7 @@ import engine.tokenizer
 from bench.common import describe_device, emit, versions
 from bench.gpu import REPO_ROOT, SHAPES_SMOKE, random_prompt, write_checkpoint
 from engine import AsyncEngine, EngineConfig, SamplingParams
+from engine.core_client import ThreadCoreClient
 from engine.llm_engine import LLMEngine
 from engine.scheduler import ScheduledBatch
 
@@ -242,7 +243,7 @@ async def consume(engine: AsyncEngine, request_id: str, prompt: list[int], param
 async def run_async(engine: AsyncEngine, num_requests: int, prompt_len: int, max_tokens: int, seed: int) -> dict[str, Any]:
     """Every request through generate() with one asyncio consumer each; the event loop thread's CPU time per token."""
     rng = random.Random(seed)
-    vocab = engine.engine.model_config.vocab_size
+    vocab = engine.client.vocab_size
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     prompts = [random_prompt(rng, prompt_len, vocab) for _ in range(num_requests)]
     loop_cpu_s, start_s = time.thread_time(), time.perf_counter()
@@ -257,7 +258,8 @@ def async_scenario(config: EngineConfig, args: argparse.Namespace, base: dict[st
     """The real AsyncEngine: its loop thread's steps timed as in the sync runs, plus the delivery to asyncio consumers."""
     engine = AsyncEngine(config)
     timer = PhaseTimer()
-    llm = engine.engine
+    assert isinstance(engine.client, ThreadCoreClient)
+    llm = engine.client.core.engine
     instrument(llm, timer)
     records: list[dict[str, Any]] = []
     step = llm.step

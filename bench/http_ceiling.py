@@ -50,7 +50,7 @@ def serve(port: int, tokens_per_delta: int, step_s: float | None, profile_path: 
     settings = Settings(served_model_name=_MODEL, port=port, log_level="warning")
     configure_logging(settings.log_level, settings.log_json)
     engine = ZeroCostEngine(tokens_per_delta) if step_s is None else paced_engine(step_s, _report_path(port))
-    app = create_app(settings, engine=engine)  # type: ignore[arg-type]
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     profiler = None
@@ -207,7 +207,7 @@ def control_lateness(step_s: float, num_requests: int, window_s: float) -> float
     core = PacedCore(EngineConfig(), step_s)
     params = SamplingParams(max_tokens=1 << 30)
     for index in range(num_requests):
-        core.add_request(str(index), [1], params)
+        core.add_prepared(str(index), [1], params)
     deadline_s = time.perf_counter() + window_s
     while time.perf_counter() < deadline_s:
         core.step()

@@ -1,11 +1,13 @@
 """Sirocco's engine: the only names the gateway may import."""
 
 from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.preflight import check_config
+from engine.prompts import Prompt
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from engine.structured import StructuredOutputs
 from engine.tokenizer import ChatPrompt, ChatTemplateInfo
@@ -19,6 +21,7 @@ __all__ = [
     "ChatTemplateInfo",
     "CompletionOutput",
     "ConfigError",
+    "EngineClient",
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
@@ -26,6 +29,7 @@ __all__ = [
     "EngineStats",
     "InvalidRequestError",
     "Logprob",
+    "Prompt",
     "RequestFailedError",
     "RequestOutput",
     "SamplingParams",

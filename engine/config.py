@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -13,42 +14,68 @@ class ConfigError(ValueError):
         self.field = field
 
 
+def setting(default: Any, description: str, **bounds: float) -> Any:
+    """A field the gateway's Settings offers as it is (flag, environment variable, docs row, chart value): its default,
+    its one-line description, and bounds the Settings check first (ge, gt, le: pydantic's names)."""
+    return field(default=default, metadata={"description": description, **bounds})
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str | None = None  # local directory or Hub repo id; None: the embedded SmolLM2 model
-    revision: str | None = None
-    hf_token: str | None = None
-    download_dir: str | None = None  # Hub cache; None: huggingface_hub's default
-    cache_dir: str | None = None  # Sirocco's own cache (converted embedded model); None: ~/.cache/sirocco
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
-    device: str | None = None  # None: cuda if available, else cpu
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: sized from kv_cache_gib / gpu_memory_utilization
-    kv_cache_gib: float | None = None  # None: 1 GiB on CPU, gpu_memory_utilization on CUDA
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    max_waiting_requests: int = 1024
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs
-    seed: int = 0
-    num_threads: int | None = None  # torch threads on CPU; None: one fewer than the CPUs this process may use (engine/threads.py)
-    tensor_parallel_size: int = 1  # ranks (processes) the model is split over; >1 starts ranks 1..N-1 as worker processes
-    distributed_timeout_s: float = 120.0  # a tensor-parallel step collective not done by then fails the engine
-    engine_process: bool = False  # True: the step loop runs in its own process (engine_core.py), not on a thread
+    """Every field is a setting (gateway/settings.py derives its engine part from these); __post_init__ checks them."""
+
+    model: str | None = setting(None, "Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct")
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of the model")
+    hf_token: str | None = setting(None, "Hugging Face token for gated or private repos (also read from HF_TOKEN)")
+    download_dir: str | None = setting(
+        None, "Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
+    )
+    cache_dir: str | None = setting(None, "Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    device: str | None = setting(None, "cuda, cuda:N or cpu; unset: cuda when available")
+    max_model_len: int | None = setting(None, "Context length (prompt + output); unset: the model's", ge=1)
+    block_size: int = setting(16, "Tokens per KV-cache block")
+    num_kv_blocks: int | None = setting(None, "KV-cache blocks; unset: sized from memory", ge=1)
+    kv_cache_gib: float | None = setting(None, "KV-cache size in GiB; unset: 1 on CPU, gpu_memory_utilization on CUDA", gt=0)
+    gpu_memory_utilization: float = setting(0.9, "Fraction of GPU memory for weights, activations and KV cache", gt=0, le=1)
+    max_num_seqs: int = setting(128, "Most sequences running at once", ge=1)
+    max_num_batched_tokens: int = setting(2048, "Token budget of one engine step", ge=1)
+    max_waiting_requests: int = setting(1024, "Waiting-queue bound; beyond it requests get 429", ge=1)
+    enable_prefix_caching: bool = setting(True, "Reuse KV blocks of shared prompt prefixes")
+    enforce_eager: bool = setting(False, "Disable CUDA graphs")
+    seed: int = setting(0, "Seed for requests that do not give one")
+    # Default: one fewer than the CPUs this process may use (engine/threads.py).
+    num_threads: int | None = setting(
+        None, "Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1", ge=1
+    )
+    # >1 starts ranks 1..N-1 as worker processes (distributed.py).
+    tensor_parallel_size: int = setting(1, "Processes (GPUs on CUDA) the model is split over by tensor parallelism", ge=1)
+    distributed_timeout_s: float = setting(
+        120.0, "Seconds a tensor-parallel step collective may take before the engine fails", gt=0
+    )
+    engine_process: bool = setting(
+        False, "Run the engine's step loop in its own process, away from the HTTP side's GIL"
+    )  # engine_core.py, core_client.py
     # Postprocess step N-1 (detokenize, stop strings, deltas) while the device runs step N; None: on CUDA without tensor
     # parallelism. On CPU the forward runs on the calling thread, so overlap would only delay each step's outputs.
-    async_output: bool | None = None
+    async_output: bool | None = setting(
+        None, "Postprocess a step while the device runs the next; unset: on CUDA without tensor parallelism"
+    )
     # Look-ahead scheduling: launch step N+1 before waiting for step N, feeding N's sampled tokens to N+1 on the device
     # (llm_engine.py). Off by default until a GPU run measures it. Steps with a live request that needs N's token on the
     # host (structured outputs, penalties, n > 1, prompt logprobs) and tensor parallelism fall back to the usual order.
     # Greedy and seeded outputs are the same as with it off; unseeded sampling may differ. Implies async output.
-    async_scheduling: bool = False
-    # Weight-only quantization of a safetensors model's linear layers and lm_head at load (engine/model/quant_linear.py):
-    # None (float weights), int8 (symmetric) or int4 (asymmetric), with one scale per quantization_group_size weights.
-    quantization: str | None = None
-    quantization_group_size: int = 32
+    async_scheduling: bool = setting(
+        False, "Launch each step before the previous one is read back (look-ahead scheduling; implies async_output)"
+    )
+    # Weight-only quantization of a safetensors model's projections and lm_head at load (engine/model/quant_linear.py):
+    # int8 symmetric or int4 asymmetric, one scale (and zero) per quantization_group_size weights along the input.
+    quantization: Literal["int8", "int4"] | None = setting(
+        None, "Quantize a safetensors model's linear layers and lm_head at load (int8 or int4); unset: float weights"
+    )
+    quantization_group_size: int = setting(32, "Weights sharing one quantization scale (a multiple of 32)", ge=32)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -15,25 +15,22 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing import connection, get_context
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.errors import RankFailedError
-from engine.kv_cache import allocate_kv_cache
-from engine.loader import load_model
 from engine.model.attention import AttentionMetadata
-from engine.model.config import ModelConfig
-from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.cpu_attention import DecodeKernel
 from engine.model.mistral import KVCache, MistralForCausalLM
-from engine.model.parallel import Partition
+from engine.processes import exit_reason
+from engine.rank import Rank, RankSpec, build_rank
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +42,10 @@ _WORKER_TIMEOUT = timedelta(days=365)  # workers wait for the next step as long 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What rank r needs to build its slice; pickled into the spawned process."""
+    """What rank r needs to build its slice and join the group; pickled into the spawned process."""
 
-    rank: int
-    world_size: int
-    model_dir: str
-    model_config: ModelConfig
-    device: str
-    dtype: torch.dtype
-    block_size: int
-    num_blocks: int
-    kernel_dir: Path | None  # where rank 0 built the C decode kernel; None: the PyTorch reference path
+    rank: RankSpec
+    num_blocks: int  # as many as rank 0 has: the same block ids everywhere
     backend: str
     store_port: int
     num_threads: int
@@ -72,16 +62,9 @@ class _Worker:
 class TensorParallelGroup:
     """Rank 0's side of the group: starts the workers and forms the process group, then one broadcast per step."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        model_dir: Path,
-        model_config: ModelConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        num_blocks: int,
-        kernel_dir: Path | None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, spec: RankSpec, rank: Rank) -> None:
+        """`spec` and `rank`: rank 0's, built; each worker builds its own from the same spec (build_rank)."""
+        device = torch.device(spec.device)
         self.world_size = config.tensor_parallel_size
         self.timeout_s = config.distributed_timeout_s
         self.device = device
@@ -102,12 +85,11 @@ class TensorParallelGroup:
         self._is_healthy = False  # True once the process group is formed; False again after a failure
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            for rank in range(1, self.world_size):
-                spec = WorkerSpec(
-                    rank, self.world_size, str(model_dir), model_config, f"cuda:{rank}" if device.type == "cuda" else "cpu",
-                    dtype, config.block_size, num_blocks, kernel_dir, backend, self._store.port, num_threads,
-                )  # fmt: skip
-                self._workers.append(_spawn(spec))
+            kernel_dir = spec.kernel_dir if rank.kernel is not None else None  # rank 0 could not build it: nobody uses it
+            for r in range(1, self.world_size):
+                worker_device = f"cuda:{r}" if device.type == "cuda" else "cpu"
+                worker_rank = replace(spec, rank=r, device=worker_device, kernel_dir=kernel_dir)
+                self._workers.append(_spawn(WorkerSpec(worker_rank, rank.num_blocks, backend, self._store.port, num_threads)))
             deadline = time.monotonic() + _START_TIMEOUT_S
             for worker in self._workers:
                 self._wait_ready(worker, deadline)
@@ -196,10 +178,9 @@ class TensorParallelGroup:
             while worker.control.poll():
                 kind, detail = worker.control.recv()
                 message = detail if kind == "error" else message
-        code = worker.process.exitcode
-        if code is None:
+        if worker.process.exitcode is None:
             return f"failed: {message}" if message else None
-        ended = f"died (killed by {signal.Signals(-code).name})" if code < 0 else f"exited with code {code}"
+        ended = f"died ({exit_reason(worker.process, wait_s=0.0)})"
         return f"{ended}: {message}" if message else ended
 
     # --- shutdown ------------------------------------------------------------------------------------------
@@ -235,12 +216,12 @@ def _spawn(spec: WorkerSpec) -> _Worker:
     control, child_control = context.Pipe()
     lifeline, child_lifeline = context.Pipe()
     process = context.Process(
-        target=_worker_main, args=(spec, child_control, child_lifeline), name=f"sirocco-rank-{spec.rank}", daemon=True
+        target=_worker_main, args=(spec, child_control, child_lifeline), name=f"sirocco-rank-{spec.rank.rank}", daemon=True
     )
     process.start()
     child_control.close()  # the child holds its own copies: its ends now close when it exits
     child_lifeline.close()
-    return _Worker(spec.rank, process, control, lifeline)
+    return _Worker(spec.rank.rank, process, control, lifeline)
 
 
 def _worker_main(spec: WorkerSpec, control: Connection, lifeline: Connection) -> None:
@@ -248,12 +229,17 @@ def _worker_main(spec: WorkerSpec, control: Connection, lifeline: Connection) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides, then stops us
     threading.Thread(target=_exit_with_parent, args=(lifeline,), name="sirocco-lifeline", daemon=True).start()
     try:
-        device = torch.device(spec.device)
-        model, kv_cache, kernel = _build_rank(spec, device)
+        device = torch.device(spec.rank.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(spec.num_threads)
+        rank = build_rank(spec.rank, spec.num_blocks)
         control.send(("ready", ""))
-        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world_size, is_master=False, timeout=_WORKER_TIMEOUT)
-        dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=_WORKER_TIMEOUT)
-        _run_steps(model, kv_cache, kernel, device)
+        r, world_size = spec.rank.rank, spec.rank.world_size
+        store = dist.TCPStore("127.0.0.1", spec.store_port, world_size, is_master=False, timeout=_WORKER_TIMEOUT)
+        dist.init_process_group(spec.backend, store=store, rank=r, world_size=world_size, timeout=_WORKER_TIMEOUT)
+        _run_steps(rank.model, rank.kv_cache, rank.kernel, device)
         dist.destroy_process_group()
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -265,19 +251,6 @@ def _exit_with_parent(lifeline: Connection) -> None:
     with contextlib.suppress(EOFError, OSError):
         lifeline.recv()  # rank 0 never writes: this returns only once the pipe closes, i.e. rank 0 closed or died
     os._exit(1)
-
-
-def _build_rank(spec: WorkerSpec, device: torch.device) -> tuple[MistralForCausalLM, KVCache, DecodeKernel | None]:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(spec.num_threads)
-    partition = Partition(spec.rank, spec.world_size)
-    model = load_model(Path(spec.model_dir), spec.model_config, device, spec.dtype, partition)
-    num_kv_heads = partition.num_kv_heads(spec.model_config)
-    kv_cache = allocate_kv_cache(spec.model_config, spec.num_blocks, spec.block_size, device, spec.dtype, num_kv_heads)
-    kernel = load_decode_kernel(spec.kernel_dir) if spec.kernel_dir is not None else None
-    return model, kv_cache, kernel
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ which re-runs the parent's main script); the compiled grammar comes back seriali
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -123,7 +124,32 @@ def _compile(compiler: xgr.GrammarCompiler, kind: str, text: str) -> xgr.Compile
         return compiler.compile_regex(text)
     if kind == "ebnf":
         return compiler.compile_grammar(text)
-    return compiler.compile_structural_tag(text)
+    return compiler.compile_structural_tag(compact_json_contents(text))
+
+
+def compact_json_contents(tag_text: str) -> str:
+    """The structural tag with each plain JSON-schema content turned into a grammar of compact JSON (no free whitespace,
+    separators "," and ":"), as json_schema outputs are: xgrammar's own allows any whitespace and no lower bound than 1
+    (max_whitespace_cnt). Contents that set max_whitespace_cnt, any_order, excludes or an XML style are left as given."""
+    try:
+        tag = json.loads(tag_text)
+    except json.JSONDecodeError:
+        return tag_text  # xgrammar words the error
+    return json.dumps(_compact(tag))
+
+
+def _compact(node: object) -> object:
+    if isinstance(node, list):
+        return [_compact(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema":  # a leaf: its schema is the user's, never rewritten
+        is_plain = isinstance(node.get("json_schema"), dict) and node.get("style", "json") == "json"
+        if not is_plain or not node.keys() <= {"type", "json_schema", "style"}:
+            return node
+        grammar = xgr.Grammar.from_json_schema(json.dumps(node["json_schema"]), any_whitespace=False, separators=(",", ":"))
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {key: _compact(value) for key, value in node.items()}
 
 
 def main(recv_fd: int, send_fd: int) -> None:

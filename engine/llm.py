@@ -8,8 +8,9 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import RequestFailedError
-from engine.llm_engine import LLMEngine, Prompt
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, merge_delta
+from engine.prompts import Prompt
 from engine.sampling_params import SamplingParams
 
 

@@ -30,25 +30,17 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.distributed import TensorParallelGroup
-from engine.embedded import cache_root
 from engine.errors import InvalidRequestError, RankFailedError
 from engine.fingerprint import engine_fingerprint
-from engine.kv_cache import allocate_kv_cache, num_blocks_for
-from engine.loader import (
-    check_max_model_len,
-    load_model,
-    quantization_of,
-    read_model_config,
-    resolve_device_dtype,
-    resolve_model_dir,
-)
+from engine.kv_cache import num_blocks_for
+from engine.loader import check_max_model_len, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.logprobs import PromptLogprobs
 from engine.memory_profile import cuda_kv_cache_bytes
-from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
-from engine.model.parallel import Partition
+from engine.model.mistral import MistralForCausalLM
 from engine.model_runner import ModelRunner, PendingInputs
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.prompts import Prompt, check_prompt, tokenize_prompt
+from engine.rank import RankSpec, build_rank
 from engine.request_state import Accepted, Choice, Launched, Request, StepWork
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
@@ -77,44 +69,33 @@ class LLMEngine:
         self.model_dir = model_dir
         self.model_config = read_model_config(model_dir)
         check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
-        partition = Partition(0, config.tensor_parallel_size)  # this process is rank 0
-        partition.check(self.model_config)
-        quantization = quantization_of(config, cache_root(config.cache_dir))
-        model = load_model(model_dir, self.model_config, self.device, self.dtype, partition, quantization)
+        spec = RankSpec.first(config, model_dir, self.model_config, self.device, self.dtype)  # this process is rank 0
+        rank = build_rank(spec, self._size_kv_cache)
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
         self.structured = StructuredOutputManager(
             self.tokenizer.hf_tokenizer, self.model_config.vocab_size, sorted(self.tokenizer.eos_token_ids)
         )
-        num_kv_heads = partition.num_kv_heads(self.model_config)
-        free_bytes = cuda_kv_cache_bytes(config, model, self.model_config, num_kv_heads)
-        num_blocks = num_blocks_for(config, self.model_config, self.dtype, free_bytes, num_kv_heads)
-        capacity = num_blocks * config.block_size
+        capacity = rank.num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
+        logger.info("max_model_len %d", self.max_model_len)
         self.fingerprint = engine_fingerprint(config, model_dir, self.dtype, self.device, self.max_model_len)
-        start_s = time.perf_counter()
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.device, self.dtype, num_kv_heads)
-        kv_cache_s = time.perf_counter() - start_s
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(rank.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        cpu_decode_kernel = self._cpu_decode_kernel()
         self.tp_group: TensorParallelGroup | None = None
         if config.tensor_parallel_size > 1:  # starts ranks 1..N-1; raises RankFailedError, leaving no process behind
-            kernel_dir = cache_root(config.cache_dir) if cpu_decode_kernel is not None else None
-            self.tp_group = TensorParallelGroup(
-                config, model_dir, self.model_config, self.device, self.dtype, num_blocks, kernel_dir
-            )
+            self.tp_group = TensorParallelGroup(config, spec, rank)
         self.runner = ModelRunner(
-            model,
-            kv_cache,
+            rank.model,
+            rank.kv_cache,
             config.block_size,
             self.device,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
-            cpu_decode_kernel=cpu_decode_kernel,
+            cpu_decode_kernel=rank.kernel,
             tp_group=self.tp_group,
             seed=config.seed,
             is_look_ahead=config.async_scheduling,
@@ -130,37 +111,34 @@ class LLMEngine:
         self._in_flight: Launched | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        logger.info(
-            "KV cache: %d blocks of %d tokens, allocated and zeroed in %.1fs; max_model_len %d",
-            num_blocks,
-            config.block_size,
-            kv_cache_s,
-            self.max_model_len,
-        )
 
-    def _cpu_decode_kernel(self) -> DecodeKernel | None:
-        """The C decode-attention kernel for fp32 CPU caches (built into Sirocco's cache once), or None."""
-        if self.device.type != "cpu" or self.dtype != torch.float32:
-            return None
-        return load_decode_kernel(cache_root(self.config.cache_dir))
+    def _size_kv_cache(self, model: MistralForCausalLM, num_kv_heads: int) -> int:
+        """KV blocks per rank: from the settings, or from what a profiled step leaves of the GPU (memory_profile.py)."""
+        free_bytes = cuda_kv_cache_bytes(self.config, model, self.model_config, num_kv_heads)
+        return num_blocks_for(self.config, self.model_config, self.dtype, free_bytes, num_kv_heads)
 
     # --- requests in ---------------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        return tokenize_prompt(self.tokenizer, prompt)
-
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Tokenize and check a prompt, compile its grammar; raises InvalidRequestError. Any thread may call it."""
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids = tokenize_prompt(self.tokenizer, prompt)
         check_prompt(prompt_ids, params, self.vocab_size, self.max_model_len)
         if params.structured_outputs is not None:  # compiled (and cached) here, off the loop thread under AsyncEngine
             self.structured.compile(params.structured_outputs)
         return prompt_ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_s: float | None = None) -> None:
+        """Prepare the prompt, then add it; raises InvalidRequestError."""
+        if request_id in self.requests:  # before preparing: the prompt may take a while to tokenize
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.add_prepared(request_id, self.prepare(prompt, params), params, arrival_s)
+
+    def add_prepared(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float | None = None
+    ) -> None:
+        """Add a request whose prompt prepare() (or a client holding the same facts) already tokenized and checked."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.prepare(prompt, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids)

@@ -18,14 +18,15 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import padded_batch_sizes
+from engine.input_batch import InputBatch, StepInputs
 from engine.kv_cache import allocate_kv_cache, block_bytes
 from engine.logprobs import MAX_SCORED_ROWS
-from engine.model.attention import AttentionMetadata
 from engine.model.config import ModelConfig
 from engine.model.mistral import MistralForCausalLM
 from engine.model.parallel import RowParallelLinear
 from engine.sampler import Sampler, SampleRow
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -51,45 +52,21 @@ def kv_cache_bytes(profile: MemoryProfile, gpu_memory_utilization: float) -> int
     return max(0, int(profile.total_bytes * gpu_memory_utilization) - used)
 
 
-@dataclass(slots=True)
-class DummyStep:
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    meta: AttentionMetadata
-    last_token_idx: torch.Tensor  # [num_seqs] int64, each sequence's last token: the rows that sample
-
-
 def dummy_step(
     num_tokens: int, num_seqs: int, block_size: int, num_cache_blocks: int, max_positions: int, device: torch.device
-) -> DummyStep:
+) -> StepInputs:
     """`num_tokens` prompt tokens split as evenly as possible over `num_seqs` sequences, each a whole prompt from
-    position 0 (positions wrap at max_positions, the rotary table's length). Block tables wrap around the
-    `num_cache_blocks` blocks of a throwaway cache: slots repeat, which only overwrites garbage with garbage."""
+    position 0, built by InputBatch as a real step's are (positions then wrap at max_positions, the rotary table's
+    length). Block tables wrap around the `num_cache_blocks` blocks of a throwaway cache: slots repeat, which only
+    overwrites garbage with garbage."""
     assert 1 <= num_seqs <= num_tokens, "every sequence needs at least one token"
     query_lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
     max_blocks = -(-max(query_lens) // block_size)
     table = [j % num_cache_blocks for j in range(max_blocks)]
-    positions = [p for n in query_lens for p in range(n)]
-    slots = [table[p // block_size] * block_size + p % block_size for p in positions]
-    query_start_loc = [0]
-    for n in query_lens:
-        query_start_loc.append(query_start_loc[-1] + n)
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([table] * num_seqs, dtype=torch.int32, device=device),  # [num_seqs, max_blocks]
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        query_lens_cpu=query_lens,
-        seq_lens_cpu=query_lens,
-        max_seq_len=max(query_lens),
-        is_decode_only=num_tokens == num_seqs,
-    )
-    return DummyStep(
-        input_ids=torch.zeros(num_tokens, dtype=torch.long, device=device),
-        positions=torch.tensor([p % max_positions for p in positions], dtype=torch.long, device=device),
-        meta=meta,
-        last_token_idx=torch.tensor(query_start_loc[1:], dtype=torch.long, device=device) - 1,
-    )
+    seqs = [Sequence("memory-profile", i, [0] * n, n, 0.0, block_table=list(table)) for i, n in enumerate(query_lens)]
+    inputs = InputBatch(device, block_size, num_tokens, num_seqs, max_blocks).prepare(ScheduledBatch(seqs, query_lens))
+    inputs.positions.remainder_(max_positions)
+    return inputs
 
 
 @torch.inference_mode()
@@ -122,7 +99,7 @@ def run_worst_case_step(
     scored = torch.log_softmax(model.compute_logits(hidden[:num_scored]), dim=-1)  # [num_scored, vocab]
     scored.topk(MAX_LOGPROBS, dim=-1)
     del scored
-    logits = model.compute_logits(hidden[step.last_token_idx])  # [num_seqs, vocab]
+    logits = model.compute_logits(hidden[step.sample_idx])  # [num_seqs, vocab]
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, logprobs=MAX_LOGPROBS)
     seq = Sequence("memory-profile", 0, [0], 1, 0.0)
     rows = [SampleRow(params, None, seq, frozenset()) for _ in range(num_seqs)]

@@ -6,11 +6,13 @@ model (the parent of the engine-core process) prepares prompts exactly as the en
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import ChatPrompt, Tokenizer
 
-Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
+Prompt = str | list[int] | list[dict[str, Any]] | ChatPrompt  # text, token ids, chat messages, or messages and tools
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:

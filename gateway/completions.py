@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine import AsyncEngine, TokenLogprobs
+from engine import EngineClient, TokenLogprobs
 from gateway.body import parse_body
 from gateway.protocol import CompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
@@ -55,12 +55,12 @@ class _Reply:
         return completion_logprobs(entries or [], text_offset) if self.has_logprobs else None
 
 
-def _prompt_text(engine: AsyncEngine, prompt: str | list[int]) -> str:
+def _prompt_text(engine: EngineClient, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else engine.decode(prompt)
 
 
 def _echo_logprobs(
-    engine: AsyncEngine, prompt_token_ids: list[int], entries: list[TokenLogprobs | None] | None
+    engine: EngineClient, prompt_token_ids: list[int], entries: list[TokenLogprobs | None] | None
 ) -> CompletionLogprobs:
     """The echoed prompt's logprobs, from offset 0; `entries` has one per prompt token, the first None."""
     first_token = engine.token_texts(prompt_token_ids[:1])[0] if prompt_token_ids else ""
@@ -78,6 +78,7 @@ def _concat(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLo
 
 async def create_completion(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    state.metrics.received.labels("completions").inc()
     body = await parse_body(request, CompletionRequest, state.settings.max_body_bytes)
     prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -108,7 +109,7 @@ async def create_completion(request: Request) -> Response:
 
 
 async def _stream_chunks(
-    requests: EngineRequests, reply: _Reply, include_usage: bool, engine: AsyncEngine
+    requests: EngineRequests, reply: _Reply, include_usage: bool, engine: EngineClient
 ) -> AsyncIterator[CompletionResponse]:
     offsets = [len(echo) for echo in reply.echoes for _ in range(reply.n)]  # where each choice's next token starts
     is_echoed = [not echo for echo in reply.echoes]

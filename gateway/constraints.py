@@ -85,11 +85,30 @@ def _arguments_schema(tool: ToolDefinition) -> dict[str, Any]:
     return tool.function.parameters if tool.function.parameters else ANY_OBJECT
 
 
-def _hermes_tag(tool: ToolDefinition) -> dict[str, Any]:
-    """`<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with ARGS matching the tool's parameters."""
+def _hermes_tag(tool: ToolDefinition, end: str = "}\n</tool_call>") -> dict[str, Any]:
+    """`<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with ARGS matching the tool's parameters.
+
+    ARGS is compact JSON: the engine compiles structural tags' JSON contents without free whitespace.
+    """
     begin = '<tool_call>\n{"name": ' + json.dumps(tool.function.name) + ', "arguments": '
     content = {"type": "json_schema", "json_schema": _arguments_schema(tool)}
-    return {"type": "tag", "begin": begin, "content": content, "end": "}\n</tool_call>"}
+    return {"type": "tag", "begin": begin, "content": content, "end": end}
+
+
+def _hermes_forced_calls(tools: list[ToolDefinition], is_parallel: bool) -> dict[str, Any]:
+    """One call without its `\\n</tool_call>`, or (parallel) calls joined by it, the last one's optional.
+
+    One call: the grammar is complete the moment its JSON is, so the output ends there (the parser reads a call without
+    its end tag at the end of an output), and no token goes on a closing tag. Parallel: the model says when it is done,
+    which it does after an end tag (given no place for one, a small model goes on writing calls to reach it).
+    """
+    calls = [_hermes_tag(tool, end="}") for tool in tools]
+    call = calls[0] if len(calls) == 1 else {"type": "or", "elements": calls}
+    if not is_parallel:
+        return call
+    end = {"type": "const_string", "value": "\n</tool_call>"}
+    more = {"type": "sequence", "elements": [end, {"type": "const_string", "value": "\n"}, call]}
+    return {"type": "sequence", "elements": [call, {"type": "star", "content": more}, {"type": "optional", "content": end}]}
 
 
 def _mistral_list(tools: list[ToolDefinition], is_parallel: bool) -> dict[str, Any]:
@@ -111,14 +130,12 @@ def _mistral_list(tools: list[ToolDefinition], is_parallel: bool) -> dict[str, A
 
 
 def forced_calls_tag(tools: list[ToolDefinition], tool_format: ToolFormat, is_parallel: bool) -> dict[str, Any]:
-    """Calls from the first token on (at least one; exactly one unless parallel)."""
+    """Calls from the first token on (at least one; exactly one unless parallel), and nothing after them."""
     if tool_format.end is None:
         start = {"type": "const_string", "value": tool_format.trigger}
         content = {"type": "sequence", "elements": [start, _mistral_list(tools, is_parallel)]}
     else:
-        tags = [_hermes_tag(tool) for tool in tools]
-        content = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
-        content["stop_after_first"] = not is_parallel
+        content = _hermes_forced_calls(tools, is_parallel)
     return {"type": "structural_tag", "format": content}
 
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 
-from engine import AsyncEngine
+from engine import AsyncEngine, EngineClient
 from gateway.state import GatewayState
 
 logger = logging.getLogger("sirocco")
@@ -22,9 +22,9 @@ logger = logging.getLogger("sirocco")
 async def load_engine(state: GatewayState) -> None:
     """Load, start and publish the engine on `state`; on failure set state.load_error. Cancelling abandons the load."""
     loop = asyncio.get_running_loop()
-    loaded: asyncio.Future[AsyncEngine] = loop.create_future()
+    loaded: asyncio.Future[EngineClient] = loop.create_future()
 
-    def report(outcome: AsyncEngine | BaseException) -> None:
+    def report(outcome: EngineClient | BaseException) -> None:
         if loaded.done():
             return  # the load was abandoned (shutdown during loading)
         if isinstance(outcome, BaseException):
@@ -34,7 +34,7 @@ async def load_engine(state: GatewayState) -> None:
 
     def load() -> None:
         try:
-            outcome: AsyncEngine | BaseException = AsyncEngine(state.settings.engine_config())
+            outcome: EngineClient | BaseException = AsyncEngine(state.settings.engine_config())
         except BaseException as exc:  # handed to the event loop, which logs it
             outcome = exc
         with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone

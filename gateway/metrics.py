@@ -18,6 +18,7 @@ from engine import EngineStats, RequestOutput
 from gateway.settings import Settings
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+ENDPOINTS = ("completions", "chat_completions", "responses")  # label values of sirocco_requests_received
 
 
 class EngineStatsCollector(Collector):
@@ -90,6 +91,11 @@ class Metrics:
         )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
+        self.received = Counter(
+            "sirocco_requests_received", "Generation requests received, by endpoint", ["endpoint"], registry=self.registry
+        )
+        for endpoint in ENDPOINTS:
+            self.received.labels(endpoint)
         self.registry.register(EngineStatsCollector(read_stats, settings.block_size))
 
     def render(self) -> bytes:

@@ -1,15 +1,19 @@
 """Settings: the only code that reads the environment (prefix SIROCCO_). Builds the engine's EngineConfig.
 
-Helm values map one-to-one onto these fields (SIROCCO_<FIELD NAME IN UPPER CASE>).
+The engine's settings are EngineConfig's fields, derived here (one place to add one); the gateway's are declared below.
+Flags (gateway/startup.py), the docs table (settings_doc.py) and Helm values map one-to-one onto Settings' fields
+(SIROCCO_<FIELD NAME IN UPPER CASE>).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-from typing import Annotated, Literal
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine import EngineConfig
@@ -25,60 +29,35 @@ def _split_commas(value: object) -> object:
     return value
 
 
-class Settings(BaseSettings):
+class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIROCCO_", extra="ignore", populate_by_name=True)
 
-    # Model and engine (passed to EngineConfig)
-    model: str | None = Field(
-        None, description="Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
-    )
-    served_model_name: str | None = Field(
-        None, description="Model name clients send and /v1/models lists; unset: the model argument"
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model")
+
+def _engine_fields() -> dict[str, Any]:
+    """One setting per EngineConfig field, with its type, default, description and bounds (engine.config.setting)."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(EngineConfig):
+        if "description" not in field.metadata:
+            raise TypeError(f"EngineConfig.{field.name} has no description: declare it with engine.config.setting()")
+        fields[field.name] = (hints[field.name], Field(field.default, **field.metadata))
+    return fields
+
+
+# The engine's part of Settings: written once, in EngineConfig. Settings adds the gateway's fields below.
+EngineSettings = create_model("EngineSettings", __base__=_Base, **_engine_fields())
+
+
+class Settings(EngineSettings):  # type: ignore[valid-type,misc]
+    # Model and engine: EngineSettings' fields, the token kept secret and also read from HF_TOKEN
     hf_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("SIROCCO_HF_TOKEN", "HF_TOKEN", "hf_token"),
         description="Hugging Face token for gated or private repos (also read from HF_TOKEN)",
     )
-    download_dir: str | None = Field(
-        None, description="Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists; unset: the model argument"
     )
-    cache_dir: str | None = Field(None, description="Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
-    )
-    device: str | None = Field(None, description="cuda, cuda:N or cpu; unset: cuda when available")
-    max_model_len: int | None = Field(None, ge=1, description="Context length (prompt + output); unset: the model's")
-    block_size: int = Field(16, description="Tokens per KV-cache block")
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; unset: sized from memory")
-    kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV-cache size in GiB; unset: 1 on CPU, gpu_memory_utilization on CUDA"
-    )
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of GPU memory for weights, activations and KV cache"
-    )
-    max_num_seqs: int = Field(128, ge=1, description="Most sequences running at once")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step")
-    max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue bound; beyond it requests get 429")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs")
-    seed: int = Field(0, description="Seed for requests that do not give one")
-    num_threads: int | None = Field(
-        None,
-        ge=1,
-        description="Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1",
-    )
-    tensor_parallel_size: int = Field(
-        1, ge=1, description="Processes (GPUs on CUDA) the model is split over by tensor parallelism"
-    )
-    engine_process: bool = Field(
-        False, description="Run the engine's step loop in its own process, away from the HTTP side's GIL"
-    )
-    quantization: Literal["int8", "int4"] | None = Field(
-        None, description="Quantize a safetensors model's linear layers and lm_head at load (int8 or int4); unset: float"
-    )
-    quantization_group_size: int = Field(32, ge=32, multiple_of=32, description="Weights sharing one quantization scale")
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -99,6 +78,10 @@ class Settings(BaseSettings):
     tool_call_parser: Literal["auto", "mistral", "hermes"] = Field(
         "auto", description="Tool-call format; auto: mistral if the tokenizer has [TOOL_CALLS], else hermes"
     )
+    responses_hosted_tools: Literal["ignore", "reject"] = Field(
+        "ignore",
+        description="Hosted tools in /v1/responses (web_search, ...): ignore leaves them out with a warning, reject is a 400",
+    )
 
     # Limits on user input
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413")
@@ -109,6 +92,24 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request")
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
     max_logprobs: int = Field(20, ge=0, le=20, description="Largest logprobs / top_logprobs")
+
+    # The Responses API's store (gateway/response_store.py)
+    responses_store: str = Field(
+        "sqlite",
+        description="Where stored responses live: sqlite (a file, see responses_store_path), or a redis://, rediss:// or "
+        "unix:// URL of a Redis that replicas share (needs the redis extra)",
+    )
+    responses_store_path: str | None = Field(
+        None, description="SQLite file of the response store; unset: responses.sqlite3 in cache_dir"
+    )
+    responses_store_max_age_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="Seconds a stored response is kept (SQLite: then deleted; Redis: its TTL)"
+    )
+    responses_store_max_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="SQLite: the store's total size, oldest responses evicted beyond it; both: the largest one response",
+    )
 
     # Prometheus histogram buckets (seconds)
     ttft_buckets_s: Annotated[list[float], NoDecode] = Field(
@@ -137,31 +138,9 @@ class Settings(BaseSettings):
         return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            revision=self.revision,
-            hf_token=self.hf_token.get_secret_value() if self.hf_token else None,
-            download_dir=self.download_dir,
-            cache_dir=self.cache_dir,
-            dtype=self.dtype,
-            device=self.device,
-            max_model_len=self.max_model_len,
-            block_size=self.block_size,
-            num_kv_blocks=self.num_kv_blocks,
-            kv_cache_gib=self.kv_cache_gib,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_waiting_requests=self.max_waiting_requests,
-            enable_prefix_caching=self.enable_prefix_caching,
-            enforce_eager=self.enforce_eager,
-            seed=self.seed,
-            num_threads=self.num_threads,
-            tensor_parallel_size=self.tensor_parallel_size,
-            engine_process=self.engine_process,
-            quantization=self.quantization,
-            quantization_group_size=self.quantization_group_size,
-        )
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)}
+        values["hf_token"] = self.hf_token.get_secret_value() if self.hf_token else None
+        return EngineConfig(**values)
 
 
 def env_name(field: str) -> str:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from engine import ConfigError, EngineConfig, check_config
 from gateway.app import package_version
+from gateway.response_store import ResponseStoreConfigError, check_store
 from gateway.settings import Settings, env_name, unknown_environment_names
 from gateway.settings_doc import default_text
 
@@ -84,11 +85,16 @@ def warn_unknown_environment() -> None:
 
 
 def check_settings(settings: Settings) -> EngineConfig:
-    """The engine's config, checked against this machine (device, local model path, context length) before any load."""
+    """The engine's config, checked against this machine (device, local model path, context length) before any load,
+    and the response store's settings."""
     try:
         config = settings.engine_config()
         check_config(config)
     except ConfigError as exc:
+        raise StartupError(f"{setting_names(exc.field)}: {exc}") from exc
+    try:
+        check_store(settings)
+    except ResponseStoreConfigError as exc:
         raise StartupError(f"{setting_names(exc.field)}: {exc}") from exc
     return config
 

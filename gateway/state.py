@@ -1,30 +1,35 @@
-"""GatewayState: what the handlers share (settings, engine, metrics), the load's outcome and the drain switch SIGTERM flips.
+"""GatewayState: what the handlers share (settings, engine, metrics, response store), the load's outcome and the drain
+switch SIGTERM flips.
 
 One instance per app, on `app.state.gateway`; no module-level state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 
-from engine import AsyncEngine, EngineStats
+from engine import EngineClient, EngineStats
 from gateway.errors import APIError
 from gateway.metrics import Metrics
+from gateway.response_store import ResponseStore
 from gateway.settings import Settings
 
 
 @dataclass
 class GatewayState:
     settings: Settings
-    engine: AsyncEngine | None = None  # None until the lifespan has loaded it
+    engine: EngineClient | None = None  # None until the lifespan has loaded it
     load_error: str | None = None  # why loading the engine failed; the server then exits
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     is_draining: bool = False
     num_in_flight: int = 0  # API requests being served (streams count until their last event)
+    response_store: ResponseStore | None = None  # the Responses API's store, opened by the lifespan
+    background: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # background responses running here, by id
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings, self.read_stats)
@@ -49,12 +54,12 @@ class GatewayState:
         if self.engine is not None:
             threading.Thread(target=self.engine.shutdown, name="sirocco-engine-stop", daemon=True).start()
 
-    def system_fingerprint(self, engine: AsyncEngine) -> str:
+    def system_fingerprint(self, engine: EngineClient) -> str:
         """OpenAI's `system_fingerprint`: `fp_` + a short hash of the served name and the engine's own fingerprint."""
         digest = hashlib.sha256(f"{self.settings.model_name}\0{engine.fingerprint}".encode()).hexdigest()
         return f"fp_{digest[:10]}"
 
-    def require_engine(self) -> AsyncEngine:
+    def require_engine(self) -> EngineClient:
         """The engine, or 503 while it is not loaded, has died, or the server is draining."""
         if self.is_draining:
             raise APIError(503, "The server is shutting down.", code="draining")
@@ -63,6 +68,12 @@ class GatewayState:
         if self.engine is None or not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
         return self.engine
+
+    def require_store(self) -> ResponseStore:
+        """The response store, or 503 outside the lifespan."""
+        if self.response_store is None:
+            raise APIError(503, "The response store is not open.", code="store_unavailable")
+        return self.response_store
 
 
 def loading_error() -> APIError:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -20,9 +19,9 @@ from starlette.requests import Request
 from starlette.types import Message, Send
 
 from engine import (
-    AsyncEngine,
-    ChatPrompt,
+    EngineClient,
     InvalidRequestError,
+    Prompt,
     RequestFailedError,
     RequestOutput,
     SamplingParams,
@@ -41,8 +40,6 @@ logger = logging.getLogger(__name__)
 # without a `sep` keeps that default whatever the response's, so both are set from this one constant.
 SSE_SEPARATOR = "\n"
 
-Prompt = str | list[int] | list[dict[str, Any]] | ChatPrompt
-
 
 async def _first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     try:
@@ -55,7 +52,7 @@ class EngineRequests:
     """One engine request per prompt, with the same params; choice `i` of prompt `p` is choice `p * n + i`."""
 
     def __init__(
-        self, engine: AsyncEngine, metrics: Metrics, request_id: str, prompts: Sequence[Prompt], params: SamplingParams
+        self, engine: EngineClient, metrics: Metrics, request_id: str, prompts: Sequence[Prompt], params: SamplingParams
     ) -> None:
         self._engine = engine
         self.ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]

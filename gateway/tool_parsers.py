@@ -142,11 +142,14 @@ class ToolCallParser:
         return ParsedEvents("".join(content), tuple(calls))
 
     def finish(self) -> ParsedEvents:
-        """Whatever is still held at the end: a last call without its end tag if valid, else plain content."""
+        """Whatever is still held at the end: a last call whose end tag is missing or cut short if its JSON is complete
+        (forced calls end without it; max_tokens may cut it), else plain content."""
         held, self._held = self._held, ""
         if self._in_call:
-            trigger = self.tool_format.trigger
-            calls = _calls_from(held[len(trigger) :], self.tool_format)
+            body = held[len(self.tool_format.trigger) :]
+            if self.tool_format.end is not None:
+                body = _without_cut_end(body, self.tool_format.end)
+            calls = _calls_from(body, self.tool_format)
             if calls is not None:
                 self._num_calls += len(calls)
                 return ParsedEvents("", tuple(calls))
@@ -208,6 +211,12 @@ class ToolCallParser:
             calls.extend(parsed)
             self._num_calls += len(parsed)
         return True
+
+
+def _without_cut_end(body: str, end: str) -> str:
+    """The call's body without what a length cut left of its end tag ('\\n</tool_' of '\\n</tool_call>')."""
+    body = body.rstrip()
+    return body[: len(body) - _trigger_prefix_len(body, end)].rstrip()
 
 
 def _trigger_prefix_len(text: str, trigger: str) -> int:

@@ -12,11 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from engine import ChatPrompt, ChatTemplateInfo
+from engine import ChatPrompt, ChatTemplateInfo, Prompt
 from gateway.protocol import ChatCompletionRequest
 from gateway.tool_parsers import HERMES, MISTRAL, ToolFormat
-
-Prompt = ChatPrompt | list[dict[str, Any]]
 
 _TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -75,8 +73,14 @@ def _with_mistral_ids(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def _call_text(call: dict[str, Any]) -> str:
-    return json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]}, ensure_ascii=False)
+def _call_text(call: dict[str, Any], tool_format: ToolFormat) -> str:
+    """A past call as the tool-call grammar has the model write it (gateway/constraints.py): compact JSON arguments, in
+    Hermes' `{"name": ..., "arguments": ...}` wrapper, or (Mistral) a compact object of the call list."""
+    name, arguments = call["function"]["name"], call["function"]["arguments"]
+    if tool_format is MISTRAL:
+        return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+    compact = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+    return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + compact + "}"
 
 
 def _as_text_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_format: ToolFormat) -> list[dict[str, Any]]:
@@ -87,9 +91,9 @@ def _as_text_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]], 
         if message.get("tool_calls"):
             calls = message["tool_calls"]
             if tool_format is MISTRAL:
-                written = f"{MISTRAL.trigger} [" + ", ".join(_call_text(call) for call in calls) + "]"
+                written = f"{MISTRAL.trigger} [" + ",".join(_call_text(call, MISTRAL) for call in calls) + "]"
             else:
-                written = "\n".join(f"{HERMES.trigger}\n{_call_text(call)}\n{HERMES.end}" for call in calls)
+                written = "\n".join(f"{HERMES.trigger}\n{_call_text(call, HERMES)}\n{HERMES.end}" for call in calls)
             content = f"{content}\n{written}" if content else written
             turns.append({"role": "assistant", "content": content})
         elif message["role"] == "tool":

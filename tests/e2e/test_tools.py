@@ -218,3 +218,31 @@ def test_bad_schema_is_a_400_naming_response_format(client: openai.OpenAI) -> No
         )
     assert caught.value.body["param"] == "response_format"  # type: ignore[index]
     assert_still_serving(client)
+
+
+def test_a_forced_call_fits_in_32_tokens(client: openai.OpenAI) -> None:
+    """Issue 18 item 3: compact arguments, and a forced single call ends at its JSON (no end tag, no second call).
+
+    The issue's request: one weather tool taking a city, max_tokens=32 (before: 32 tokens of pretty-printed JSON and
+    wrapper tags, finish_reason length, no tool_calls; bench/tool_calls.py measures both).
+    """
+    city_only = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    weather = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "parameters": city_only}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for tool_choice, parallel in (("required", False), (named, True)):
+        response = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=[weather],  # type: ignore[list-item]
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+            parallel_tool_calls=parallel,
+            max_tokens=32,
+            temperature=0,
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert choice.message.content is None and choice.message.tool_calls is not None
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.function.arguments), city_only)  # type: ignore[union-attr]
+        assert response.usage is not None and response.usage.completion_tokens < 32

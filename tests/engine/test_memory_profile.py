@@ -43,7 +43,7 @@ def test_dummy_step_splits_tokens_over_sequences_and_wraps_its_blocks() -> None:
     assert meta.query_start_loc.tolist() == [0, 4, 7, 10]
     assert step.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
     assert meta.block_tables.tolist() == [[0, 1]] * 3
-    assert step.last_token_idx.tolist() == [3, 6, 9]
+    assert step.sample_idx.tolist() == [3, 6, 9]
     assert meta.slot_mapping.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
     assert max(meta.slot_mapping.tolist()) < 2 * 2 and not meta.is_decode_only
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import engine.loader
 from engine import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
+from engine.core_client import ThreadCoreClient
 from engine.errors import RankFailedError
 from engine.llm_engine import LLMEngine
 from engine.loader import load_model, read_model_config
@@ -206,8 +207,10 @@ def test_killed_rank_fails_pending_requests_and_the_engine(tiny_mistral_dir: pat
     engine = AsyncEngine(_config(tiny_mistral_dir, 2))
     engine.start()
     try:
-        assert engine.engine.tp_group is not None
-        (pid,) = engine.engine.tp_group.pids
+        assert isinstance(engine.client, ThreadCoreClient)
+        tp_group = engine.client.core.engine.tp_group
+        assert tp_group is not None
+        (pid,) = tp_group.pids
         errors = asyncio.run(_kill_mid_generation(engine, pid))
         assert all(isinstance(e, EngineDeadError) for e in errors), errors
         stats = engine.stats()

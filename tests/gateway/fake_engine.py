@@ -1,4 +1,4 @@
-"""FakeEngine: AsyncEngine's interface with scripted output, for gateway tests without a model.
+"""FakeEngine: an engine.EngineClient (AsyncEngine's interface) with scripted output, for gateway tests without a model.
 
 Choice i of a request emits tokens " t0", " t1", ... (token id 100 + j); prompt token id t has the text "<t>" and the
 logprob -t / 10 (the first, as the real engine reports it, none); max_tokens 0 finishes at once with nothing.
@@ -18,19 +18,15 @@ from engine import (
     ChatPrompt,
     ChatTemplateInfo,
     CompletionOutput,
-    EngineDeadError,
-    EngineOverloadedError,
     EngineStats,
-    InvalidRequestError,
     Logprob,
-    RequestFailedError,
+    Prompt,
     RequestOutput,
     SamplingParams,
     TokenLogprobs,
     Usage,
 )
-
-Prompt = str | list[int] | list[dict[str, str]] | ChatPrompt
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 
 
 def _prompt_ids(prompt: Prompt) -> list[int]:
@@ -65,6 +61,9 @@ class FakeEngine:
         self.num_generation_tokens = 0
         self.chat_template_info = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
         self.script: list[str] | None = None
+
+    def start(self) -> None:
+        pass
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

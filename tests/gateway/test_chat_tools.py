@@ -99,7 +99,8 @@ def test_history_with_calls_and_results_renders_as_text_turns(client: TestClient
     body = chat(client, messages=messages, tools=TOOLS, max_tokens=1)
     prompt, _ = engine.requests[body["id"]]
     assert prompt[0]["role"] == "system" and prompt[0]["content"].startswith("Be brief.\n\n# Tools")
-    assert prompt[2] == {"role": "assistant", "content": CALL_TEXT}
+    # the call as the tool-call grammar would have the model write it: compact arguments
+    assert prompt[2] == {"role": "assistant", "content": CALL_TEXT.replace('"city": "Paris"', '"city":"Paris"')}
     assert prompt[3] == {"role": "user", "content": "<tool_response>\n18 C\n</tool_response>"}
 
 
@@ -193,3 +194,19 @@ def test_openapi_shows_the_tool_and_format_fields_by_their_wire_names(client: Te
     assert "schema" in schemas["JSONSchemaFormat"]["properties"]
     assert "json" in schemas["StructuredOutputsRequest"]["properties"]
     assert "tool_calls" in schemas["ChatMessageOut"]["properties"]
+
+
+def test_required_single_call_without_end_tag_finishes_with_tool_calls(client: TestClient, engine: FakeEngine) -> None:
+    """The forced-call grammar ends at the call's JSON: the output has no end tag and still finishes as tool_calls."""
+    engine.script = ["<tool_call>\n", '{"name": "get_weather", ', '"arguments": {"city":"Paris"}}']
+    body = chat(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    _, params = engine.requests[body["id"]]
+    assert json.loads(params.structured_outputs.structural_tag)["format"]["end"] == "}"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    chunks = sse_json(post(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True).text)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    parts = [part for chunk in chunks if chunk["choices"] for part in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert "".join(part["function"].get("arguments", "") for part in parts) == '{"city": "Paris"}'

@@ -127,7 +127,7 @@ def test_a_busy_port_is_found_before_loading() -> None:
 
 
 def test_sigterm_drains_until_nothing_is_in_flight() -> None:
-    app = create_app(Settings(drain_timeout_s=30), FakeEngine())  # type: ignore[arg-type]
+    app = create_app(Settings(drain_timeout_s=30), FakeEngine())
     state = app.state.gateway
     server = DrainingServer(uvicorn.Config(app), state)
     state.num_in_flight = 1
@@ -141,7 +141,7 @@ def test_sigterm_drains_until_nothing_is_in_flight() -> None:
 def test_drain_timeout_stops_the_engine_then_ends_the_drain() -> None:
     """At the timeout the engine stops (pending streams end with an error event); the server exits once they have."""
     engine = FakeEngine()
-    app = create_app(Settings(drain_timeout_s=0), engine)  # type: ignore[arg-type]
+    app = create_app(Settings(drain_timeout_s=0), engine)
     state = app.state.gateway
     server = DrainingServer(uvicorn.Config(app), state)
     state.num_in_flight = 3

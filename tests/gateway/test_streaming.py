@@ -34,7 +34,7 @@ async def _hang_up(
     engine: FakeEngine, path: str, body: dict[str, Any], after_first_body: bool, num_aborts: int = 1
 ) -> list[dict[str, Any]]:
     """Send `body`, hang up (after the first body bytes, or after 0.1 s), and return what the app sent."""
-    app = create_app(Settings(), engine)  # type: ignore[arg-type]
+    app = create_app(Settings(), engine)
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     inbox.put_nowait({"type": "http.request", "body": json.dumps(body).encode(), "more_body": False})
     sent: list[dict[str, Any]] = []

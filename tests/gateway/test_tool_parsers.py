@@ -106,3 +106,30 @@ def test_trigger_prefix_is_held_then_released() -> None:
 
 def test_call_ids_are_random() -> None:
     assert new_call_id() != new_call_id()
+
+
+COMPACT_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}'
+
+
+@pytest.mark.parametrize("kept", range(len("\n</tool_call>")))
+def test_a_complete_call_parses_when_max_tokens_cut_its_end_tag(kept: int) -> None:
+    """'...}}\\n</tool_' (the issue's output at max_tokens=32): the JSON is whole, only the end tag was cut."""
+    text = COMPACT_CALL + "\n</tool_call>"[:kept]
+    assert parse_tool_calls(text, HERMES).content is None
+    assert _calls(text, HERMES) == [("get_weather", {"city": "Paris"})]
+    content, calls, _ = _streamed(list(text), HERMES)  # a stream one character at a time reads the same
+    assert content is None
+    assert [(name, json.loads(arguments)) for name, arguments in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_call_cut_inside_its_json_is_content_not_a_half_call() -> None:
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Par'
+    parsed = parse_tool_calls(text, HERMES)
+    assert (parsed.content, parsed.calls) == (text, [])
+
+
+def test_forced_parallel_calls_the_last_without_its_end_tag() -> None:
+    """The forced-calls grammar joins parallel calls with the end tag and leaves the last one's out."""
+    text = COMPACT_CALL + "\n</tool_call>\n" + '<tool_call>\n{"name": "noop", "arguments": {}}'
+    assert _calls(text, HERMES) == [("get_weather", {"city": "Paris"}), ("noop", {})]
+    assert parse_tool_calls(text, HERMES).content is None

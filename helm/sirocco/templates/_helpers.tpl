@@ -56,7 +56,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Whether the chart creates its Secret ("true" or empty). */}}
 {{- define "sirocco.createSecret" -}}
 {{- $s := .Values.secrets }}
-{{- if or (and (not $s.hfToken.existingSecret) $s.hfToken.value) (and (not $s.apiKeys.existingSecret) $s.apiKeys.values) }}true{{ end }}
+{{- $store := $s.responsesStore }}
+{{- if or (and (not $s.hfToken.existingSecret) $s.hfToken.value) (and (not $s.apiKeys.existingSecret) $s.apiKeys.values) (and (not $store.existingSecret) $store.url) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -78,7 +79,7 @@ true/false, whole numbers without an exponent (Helm reads every number as a floa
 
 {{/*
 The container's environment: every non-null key of .Values.sirocco as SIROCCO_<KEY>, HF_HOME on
-the model-cache volume, the token and the API keys by secretKeyRef only, then extraEnv.
+the model-cache volume, the token, the API keys and the response store's Redis URL by secretKeyRef only, then extraEnv.
 */}}
 {{- define "sirocco.env" -}}
 {{- range $key, $value := .Values.sirocco }}
@@ -104,6 +105,14 @@ the model-cache volume, the token and the API keys by secretKeyRef only, then ex
     secretKeyRef:
       name: {{ $keys.existingSecret | default (include "sirocco.secretName" .) }}
       key: {{ ternary $keys.existingSecretKey "SIROCCO_API_KEYS" (ne $keys.existingSecret "") }}
+{{- end }}
+{{- $store := .Values.secrets.responsesStore }}
+{{- if or $store.existingSecret $store.url }}
+- name: SIROCCO_RESPONSES_STORE
+  valueFrom:
+    secretKeyRef:
+      name: {{ $store.existingSecret | default (include "sirocco.secretName" .) }}
+      key: {{ ternary $store.existingSecretKey "SIROCCO_RESPONSES_STORE" (ne $store.existingSecret "") }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
