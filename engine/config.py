@@ -15,11 +15,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str | None = None  # local directory or Hub repo id; None: the embedded SmolLM2 model
+    model: str | None = None  # local directory, .gguf file or Hub repo id; None: the embedded SmolLM2 model
+    gguf_file: str | None = None  # the GGUF file to serve from the model's folder or repo; None: its only one, if any
     revision: str | None = None
     hf_token: str | None = None
     download_dir: str | None = None  # Hub cache; None: huggingface_hub's default
-    cache_dir: str | None = None  # Sirocco's own cache (converted embedded model); None: ~/.cache/sirocco
+    cache_dir: str | None = None  # Sirocco's own cache (GGUF model directories, kernels); None: ~/.cache/sirocco
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     device: str | None = None  # None: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings

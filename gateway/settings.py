@@ -30,7 +30,10 @@ class Settings(BaseSettings):
 
     # Model and engine (passed to EngineConfig)
     model: str | None = Field(
-        None, description="Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
+        None, description="Local directory, .gguf file or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file to serve from the model's folder or Hub repo; unset: its only one, if it has no safetensors"
     )
     served_model_name: str | None = Field(
         None, description="Model name clients send and /v1/models lists; unset: the model argument"
@@ -44,7 +47,9 @@ class Settings(BaseSettings):
     download_dir: str | None = Field(
         None, description="Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
     )
-    cache_dir: str | None = Field(None, description="Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
+    cache_dir: str | None = Field(
+        None, description="Sirocco's cache (GGUF model directories, built kernels); unset: ~/.cache/sirocco"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )
@@ -135,6 +140,7 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model,
+            gguf_file=self.gguf_file,
             revision=self.revision,
             hf_token=self.hf_token.get_secret_value() if self.hf_token else None,
             download_dir=self.download_dir,
