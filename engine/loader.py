@@ -84,7 +84,7 @@ def _download(config: EngineConfig) -> Path:
             revision=config.revision,
             token=config.hf_token,
             cache_dir=config.download_dir,
-            allow_patterns=_HUB_PATTERNS + ([config.gguf_file] if config.gguf_file else []),
+            allow_patterns=_hub_patterns(config),
             ignore_patterns=_HUB_IGNORE,
         )
     except GatedRepoError as exc:
@@ -104,6 +104,13 @@ def _download(config: EngineConfig) -> Path:
     except OSError as exc:  # network errors, a full disk, an unwritable cache
         raise ModelLoadError(f"could not download {config.model!r}: {exc}") from exc
     return Path(folder)
+
+
+def _hub_patterns(config: EngineConfig) -> list[str]:
+    """What to download: safetensors and their metadata, or with gguf_file that one file instead of any safetensors."""
+    if config.gguf_file is None:
+        return _HUB_PATTERNS
+    return [p for p in _HUB_PATTERNS if p != "*.safetensors"] + [config.gguf_file]
 
 
 def check_max_model_len(config: EngineConfig, model_config: ModelConfig) -> None:

@@ -20,7 +20,8 @@ from engine.config import EngineConfig
 from engine.gguf_checkpoint import find_gguf_file, gguf_model_dir, hf_config
 from engine.gguf_file import GGUFError, read_gguf
 from engine.gguf_weights import decode_tensor, gguf_model_config, gguf_weights, hf_name
-from engine.loader import ModelLoadError, read_model_config, resolve_model_dir
+from engine.loader import ModelLoadError, load_model, read_model_config, resolve_model_dir
+from engine.model.parallel import Partition
 from engine.model.quant import Int4Weight, dequantize
 from tests.engine.gguf_helpers import NUM_HEADS, NUM_KV_HEADS, hf_rows, write_tiny_gguf
 from tests.engine.model_helpers import load, paged_logits
@@ -155,6 +156,19 @@ def test_logits_match_transformers_reading_the_same_gguf(tiny_gguf_dir: pathlib.
     assert (got - expected).abs().max().item() <= TRANSFORMERS_TOLERANCE
 
 
+def test_tensor_parallel_ranks_take_their_slices(tiny_gguf_dir: pathlib.Path) -> None:
+    config = read_model_config(tiny_gguf_dir)
+    whole = load_model(tiny_gguf_dir, config, torch.device("cpu"), torch.float32)
+    rank1 = load_model(tiny_gguf_dir, config, torch.device("cpu"), torch.float32, Partition(1, 2))
+    for ours, full in zip(rank1.model.layers, whole.model.layers, strict=True):
+        down, full_down = ours.mlp.down_proj.weight, full.mlp.down_proj.weight  # [hidden, intermediate / 2]
+        assert torch.equal(down, full_down[:, down.shape[1] :])
+        o, full_o = ours.self_attn.o_proj.weight, full.self_attn.o_proj.weight
+        assert torch.equal(o, full_o[:, o.shape[1] :])
+        q_rows = ours.self_attn.q_size  # rank 1's heads 2 and 3
+        assert torch.equal(ours.self_attn.qkv_proj.weight[:q_rows], full.self_attn.qkv_proj.weight[q_rows : 2 * q_rows])
+
+
 # --- damaged files ------------------------------------------------------------------------------------------------
 
 
@@ -274,3 +288,26 @@ def test_embedded_greedy_output_equals_the_float32_conversion(
         top = sorted((lp.logprob for lp in expected.logprobs[at].top), reverse=True)
         margin = expected.logprobs[at].sampled.logprob - max(lp for lp in top if lp < expected.logprobs[at].sampled.logprob)
         assert margin <= MAX_PARTING_MARGIN, f"{prompt}: parted at token {at} with a float32 top-2 margin of {margin}"
+
+
+def test_a_hub_repo_of_gguf_files_downloads_only_the_chosen_one(
+    tiny_gguf_dir: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    tiny_gguf = find_gguf_file(tiny_gguf_dir)
+    assert tiny_gguf is not None
+    asked: dict[str, object] = {}
+
+    def snapshot_download(repo_id: str, **kwargs: object) -> str:  # the Hub, as far as the loader sees it
+        asked.update(kwargs, repo_id=repo_id)
+        for name in ("tiny.Q4.gguf", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_gguf.parent / (name if name.startswith("tok") else tiny_gguf.name), tmp_path / name)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    config = EngineConfig(model="someone/tiny-GGUF", gguf_file="tiny.Q4.gguf", cache_dir=str(tmp_path / "cache"))
+    model_dir = resolve_model_dir(config)
+    assert find_gguf_file(model_dir) == (tmp_path / "tiny.Q4.gguf").resolve()
+    patterns = asked["allow_patterns"]
+    assert isinstance(patterns, list) and "tiny.Q4.gguf" in patterns and "*.safetensors" not in patterns
