@@ -11,12 +11,13 @@ from gguf.quants import quantize
 
 Q = GGMLQuantizationType
 HIDDEN, INTERMEDIATE, NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 64, 128, 2, 4, 2, 16
-# One type per projection, so one file covers every decoder: Q4_0, Q4_1, Q8_0, F16 and F32.
+# One file covers every exact decoder (Q4_0, Q4_1, Q8_0, F16, F32); the parts of each fused projection (q/k/v,
+# gate/up) share one canonical format (Q4_0 and Q4_1 are both int4, group 32), so each can run as one quantized layer.
 LAYER_TYPES = {
     "attn_q": Q.Q4_0,
     "attn_k": Q.Q4_1,
-    "attn_v": Q.Q8_0,
-    "attn_output": Q.F16,
+    "attn_v": Q.Q4_0,
+    "attn_output": Q.Q8_0,
     "ffn_gate": Q.Q4_1,
     "ffn_up": Q.Q4_0,
     "ffn_down": Q.Q8_0,
@@ -62,9 +63,9 @@ def random_weights(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def tensor_type(name: str) -> GGMLQuantizationType:
     if name == "token_embd.weight":
-        return Q.Q8_0
+        return Q.F16
     if name == "output.weight":
-        return Q.Q4_1
+        return Q.Q8_0
     kind = name.split(".")[2] if name.startswith("blk.") else ""
     return LAYER_TYPES.get(kind, Q.F32)
 
