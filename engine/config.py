@@ -46,6 +46,10 @@ class EngineConfig:
     # host (structured outputs, penalties, n > 1, prompt logprobs) and tensor parallelism fall back to the usual order.
     # Greedy and seeded outputs are the same as with it off; unseeded sampling may differ. Implies async output.
     async_scheduling: bool = False
+    # Weight-only quantization of a safetensors model's linear layers and lm_head at load (engine/model/quant_linear.py):
+    # None (float weights), int8 (symmetric) or int4 (asymmetric), with one scale per quantization_group_size weights.
+    quantization: str | None = None
+    quantization_group_size: int = 32
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -69,6 +73,14 @@ class EngineConfig:
         if self.async_scheduling and self.async_output is False:
             message = "async_scheduling needs async_output (a step's outputs come after the next step is launched)"
             raise ConfigError("async_scheduling", message)
+        if self.quantization not in (None, "int8", "int4"):
+            raise ConfigError("quantization", f"quantization must be int8, int4 or unset (got {self.quantization!r})")
+        if self.quantization_group_size < 32 or self.quantization_group_size % 32:
+            message = f"quantization_group_size must be a positive multiple of 32 (got {self.quantization_group_size})"
+            raise ConfigError("quantization_group_size", message)
+        if self.quantization is not None and self.tensor_parallel_size > 1:
+            message = "quantization with tensor_parallel_size > 1 is not supported yet: use one or the other"
+            raise ConfigError("quantization", message)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

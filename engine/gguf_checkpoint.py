@@ -47,6 +47,11 @@ def find_gguf_file(model_dir: Path) -> Path | None:
     return Path(json.loads(pointer.read_text())["path"])
 
 
+def gguf_cache_root(model_dir: Path) -> Path:
+    """The Sirocco cache a directory made by gguf_model_dir lives in (<cache>/gguf/<name>-<key>): kernels build there."""
+    return model_dir.parent.parent
+
+
 def pick_gguf_file(folder: Path, gguf_file: str | None) -> Path | None:
     """The GGUF file to serve from `folder`: the one named, else the only one when there are no safetensors; else None."""
     found = sorted(p.name for p in folder.glob("*.gguf"))

@@ -34,7 +34,14 @@ from engine.embedded import cache_root
 from engine.errors import InvalidRequestError, RankFailedError
 from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import allocate_kv_cache, num_blocks_for
-from engine.loader import check_max_model_len, load_model, read_model_config, resolve_device_dtype, resolve_model_dir
+from engine.loader import (
+    check_max_model_len,
+    load_model,
+    quantization_of,
+    read_model_config,
+    resolve_device_dtype,
+    resolve_model_dir,
+)
 from engine.logprobs import PromptLogprobs
 from engine.memory_profile import cuda_kv_cache_bytes
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
@@ -72,7 +79,8 @@ class LLMEngine:
         check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
         partition = Partition(0, config.tensor_parallel_size)  # this process is rank 0
         partition.check(self.model_config)
-        model = load_model(model_dir, self.model_config, self.device, self.dtype, partition)
+        quantization = quantization_of(config, cache_root(config.cache_dir))
+        model = load_model(model_dir, self.model_config, self.device, self.dtype, partition, quantization)
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, EngineConfig
-from engine.gguf_checkpoint import GGUFSelectionError, find_gguf_file, gguf_model_dir, pick_gguf_file
+from engine.gguf_checkpoint import GGUFSelectionError, find_gguf_file, gguf_cache_root, gguf_model_dir, pick_gguf_file
 from engine.gguf_file import GGUFError, read_gguf
+from engine.gguf_layers import install_quantized
 from engine.gguf_weights import gguf_weights
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
 from engine.model.parallel import WHOLE, Partition
-from engine.model.quant import dequantize
+from engine.model.quant import QuantizedWeight, dequantize
+from engine.model.quant_kernels import load_quant_kernel
+from engine.model.quant_linear import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +167,15 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(
-    model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, partition: Partition = WHOLE
+    model_dir: Path,
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    partition: Partition = WHOLE,
+    quantization: Quantization | None = None,
 ) -> MistralForCausalLM:
-    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices)."""
+    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices);
+    with `quantization`, the projections and lm_head are then quantized (the float copies freed as they are replaced)."""
     start = time.perf_counter()
     gguf_path = find_gguf_file(model_dir)
     files = [] if gguf_path is not None else _safetensors_files(model_dir)
@@ -176,7 +186,13 @@ def load_model(
     expected = _checkpoint_names(params)
     seen: set[str] = set()
     unexpected: list[str] = []
-    tensors = _gguf_tensors(gguf_path, model_config) if gguf_path is not None else _safetensors_tensors(files, device)
+    if gguf_path is not None and quantization is not None:
+        raise ConfigError("quantization", "a GGUF file is served at its own precision: leave quantization unset")
+    quantized: dict[str, QuantizedWeight] = {}  # a GGUF file's int4/int8 weights, kept as they are (one rank only)
+    if gguf_path is not None:
+        tensors = _gguf_tensors(gguf_path, model_config, quantized if partition.world_size == 1 else None)
+    else:
+        tensors = _safetensors_tensors(files, device)
     for name, read in tensors:
         if name not in expected:
             if not (name == "lm_head.weight" and model.lm_head is None) and "rotary_emb" not in name:
@@ -195,6 +211,10 @@ def load_model(
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
         )
     model.model.rotary_emb.build(device, dtype)
+    if quantization is not None:
+        quantize(model, quantization, device, dtype)
+    if quantized:
+        _install_gguf_quantized(model, quantized, gguf_cache_root(model_dir), device, dtype)
     if partition.rank == 0:  # only rank 0 computes logits
         model.pack_cpu_logits()
     model.eval().requires_grad_(False)
@@ -214,16 +234,39 @@ def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tu
                 yield name, functools.partial(_read_tensor, f, name)
 
 
-def _gguf_tensors(gguf_path: Path, model_config: ModelConfig) -> Iterator[tuple[str, TensorReader]]:
-    """A GGUF file's tensors, decoded into canonical weights; quantized ones are dequantized (exactly) for now.
-    TODO(issue 19): hand Int4Weight / Int8Weight to the quantized linear layers instead, once they exist."""
+def _gguf_tensors(
+    gguf_path: Path, model_config: ModelConfig, quantized: dict[str, QuantizedWeight] | None
+) -> Iterator[tuple[str, TensorReader]]:
+    """A GGUF file's tensors as float tensors (int4/int8 ones dequantized exactly, so every parameter is filled); with
+    `quantized`, the int4/int8 weights are also kept there as they are, for _install_gguf_quantized."""
     try:
         gguf = read_gguf(gguf_path)
         for name, weight in gguf_weights(gguf, model_config):
-            tensor = weight if isinstance(weight, torch.Tensor) else dequantize(weight)
-            yield name, functools.partial(_slice, tensor)
+            if isinstance(weight, torch.Tensor):
+                yield name, functools.partial(_slice, weight)
+                continue
+            if quantized is not None:
+                quantized[name] = weight
+            yield name, functools.partial(_slice, dequantize(weight))
     except GGUFError as exc:
         raise ModelLoadError(str(exc)) from exc
+
+
+def _install_gguf_quantized(
+    model: MistralForCausalLM,
+    quantized: dict[str, QuantizedWeight],
+    kernel_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Serve a GGUF file's int4/int8 weights at their own precision (gguf_layers.py); the C kernel on CPU fp32."""
+    start = time.perf_counter()
+    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    kernel = load_quant_kernel(kernel_dir) if is_cpu_fp32 else None
+    count = install_quantized(model, quantized, kernel)
+    path = "C kernel" if kernel is not None else "PyTorch dequantize + matmul"
+    logger.info("GGUF: %d quantized layers serve their own int4/int8 weights (%s), set up in %.1fs", count, path,
+                time.perf_counter() - start)  # fmt: skip
 
 
 def _slice(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
@@ -231,6 +274,38 @@ def _slice(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Te
         return tensor
     dim, begin, end = shard
     return tensor.narrow(dim, begin, end - begin)
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    """EngineConfig's quantization settings, and where the CPU kernel is built."""
+
+    method: str  # "int8" | "int4"
+    group_size: int
+    kernel_dir: Path  # the C kernel's build cache (CPU fp32 only)
+
+
+def quantization_of(config: EngineConfig, kernel_dir: Path) -> Quantization | None:
+    return None if config.quantization is None else Quantization(config.quantization, config.quantization_group_size, kernel_dir)
+
+
+def quantize(model: MistralForCausalLM, quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize a loaded float model in place; the group size must divide every projection's input size."""
+    c = model.config
+    in_sizes = {c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size // model.partition.world_size}
+    if any(size % quantization.group_size for size in in_sizes):
+        raise ConfigError(
+            "quantization_group_size",
+            f"quantization_group_size {quantization.group_size} must divide the model's layer input sizes "
+            f"({', '.join(map(str, sorted(in_sizes)))}); try 32",
+        )
+    start = time.perf_counter()
+    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    kernel = load_quant_kernel(quantization.kernel_dir) if is_cpu_fp32 else None
+    quantize_model(model, quantization.method, quantization.group_size, kernel)
+    path = "C kernel" if kernel is not None else "PyTorch dequantize + matmul"
+    logger.info("quantized to %s (group %d, %s) in %.1fs", quantization.method, quantization.group_size, path,
+                time.perf_counter() - start)  # fmt: skip
 
 
 def _read_tensor(f: Any, name: str, shard: tuple[int, int, int] | None) -> torch.Tensor:

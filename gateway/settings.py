@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     engine_process: bool = Field(
         False, description="Run the engine's step loop in its own process, away from the HTTP side's GIL"
     )
+    quantization: Literal["int8", "int4"] | None = Field(
+        None, description="Quantize a safetensors model's linear layers and lm_head at load (int8 or int4); unset: float"
+    )
+    quantization_group_size: int = Field(32, ge=32, multiple_of=32, description="Weights sharing one quantization scale")
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address to bind")
@@ -161,6 +165,8 @@ class Settings(BaseSettings):
             num_threads=self.num_threads,
             tensor_parallel_size=self.tensor_parallel_size,
             engine_process=self.engine_process,
+            quantization=self.quantization,
+            quantization_group_size=self.quantization_group_size,
         )
 
 

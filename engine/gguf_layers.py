@@ -1,0 +1,44 @@
+"""A GGUF file's quantized weights put into the model as they are: QuantLinear layers (engine/model/quant_linear.py).
+
+A fused projection (q/k/v, gate/up) becomes one QuantLinear when its parts share one canonical format (int4 or int8,
+one group size): Q4_0 and Q4_1 parts fuse, a Q8_0 part beside them does not. Any other projection keeps the float
+weights the loader already filled (F16/F32 tensors, dequantized K-quants). The embedding stays float (a lookup reads a
+few rows); the logits matrix (lm_head, or the tied token embedding) is quantized when the file stores it quantized.
+"""
+
+from __future__ import annotations
+
+from engine.model.mistral import MistralForCausalLM
+from engine.model.quant import QuantizedWeight, concat_rows
+from engine.model.quant_kernels import QuantKernel
+from engine.model.quant_linear import QuantLinear
+
+# (module in the decoder layer, our fused projection, its Hugging Face parts)
+_PROJECTIONS = (
+    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", "o_proj", ("o_proj",)),
+    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+    ("mlp", "down_proj", ("down_proj",)),
+)
+
+
+def install_quantized(model: MistralForCausalLM, weights: dict[str, QuantizedWeight], kernel: QuantKernel | None) -> int:
+    """Replace each projection whose parts are all in `weights` (Hugging Face names) in one format; returns how many."""
+    count = 0
+    for i, layer in enumerate(model.model.layers):
+        for module_name, fused, parts in _PROJECTIONS:
+            found = [weights.get(f"model.layers.{i}.{module_name}.{part}.weight") for part in parts]
+            ws = [w for w in found if w is not None]
+            if len(ws) < len(parts) or len({(type(w), w.group_size) for w in ws}) != 1:
+                continue  # a float part, or formats that do not fuse: the float layer stays
+            parent = getattr(layer, module_name)
+            linear = getattr(parent, fused)
+            bias = None if linear.bias is None else linear.bias.data
+            setattr(parent, fused, QuantLinear(concat_rows(ws), bias, kernel, bool(getattr(linear, "is_sharded", False))))
+            count += 1
+    logits = weights.get("model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight")
+    if logits is not None:
+        model.quant_lm_head = QuantLinear(logits, None, kernel)
+        model.lm_head = None  # untied: the float matrix is no longer used (tied: it is the embedding, which stays)
+        count += 1
+    return count

@@ -1,0 +1,208 @@
+/* Weight-only quantized matmuls for CPU: out[m, n] = sum_k x[m, k] * w[n, k], w stored in 4 or 8 bits per weight in
+ * blocks of 32 along k. Built and loaded by engine/model/quant_kernels.py, checked against x @ dequantize(w).T in
+ * tests/engine/test_quant.py.
+ *
+ * Why integer dot products: a decode step is bound by reading the weights, so the kernel reads each weight byte once
+ * and keeps the arithmetic cheap. Each activation row is quantized to int8 per block of 32 (scale = max|x| / 127), then
+ * each block's dot product is 32 int8 x int8 (or uint4 x int8) products summed exactly in int32 and scaled once.
+ *
+ * Layouts (all contiguous; the kernel-ready form quant_kernels.py builds from engine/model/quant.py's formats):
+ *   x [M, K] fp32, out [M, N] fp32, K a multiple of 32, nb = K / 32 blocks per row;
+ *   int4: qs uint8 [N, nb, 16], byte j of a block holds q[j] in its low nibble and q[j + 16] in its high nibble,
+ *         d and z fp16 bits [N, nb]: w = q * d + z;
+ *   int8: qs int8 [N, K], d fp16 bits [N, nb]: w = q * d.
+ * Needs AVX2, FMA and F16C at run time (quant_kernels_supported() says); the functions are compiled for them alone.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define KERNEL __attribute__((target("avx2,fma,f16c")))
+
+int quant_kernels_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+KERNEL static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+KERNEL static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+/* One row of 32-blocks: qx int8 [nb * 32], dx [nb] the scales, sx [nb] = dx * sum(qx), the block sums of the
+ * quantized row (int4's zero term): the whole product is then that of the rounded row, so the GEMM path for large
+ * batches, which multiplies the rounded rows (quantize_activations) by the dequantized weight, gives the same sums. */
+KERNEL static void quantize_row(const float *x, int64_t nb, int8_t *qx, float *dx, float *sx) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < nb; b++) {
+    const float *xb = x + b * 32;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float max_abs = _mm_cvtss_f32(m), d = max_abs / 127.0f;
+    dx[b] = d;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i q[4];
+    __m256i qsum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT));
+      qsum = _mm256_add_epi32(qsum, q[i]);
+    }
+    sx[b] = d * hsum(_mm256_cvtepi32_ps(qsum));  // exact: |sum(qx)| <= 32 * 127
+    /* int32 x 32 -> int8 x 32 in order: the packs interleave 128-bit lanes, the permute puts them back */
+    __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)(qx + b * 32), p8);
+  }
+}
+
+/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int4. */
+KERNEL static void dot_q4(const uint8_t *qs, const uint16_t *d, const uint16_t *z, const int8_t *qx, const float *dx,
+                          const float *sx, int64_t nb, int rows, float *res /* [rows] */) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  float zacc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t b = 0; b < nb; b++) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low_mask);
+    const float wd = half_to_float(d[b]), wz = half_to_float(z[b]);
+    for (int r = 0; r < rows; r++) {
+      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);  // 8 x int32, exact
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
+      zacc[r] += wz * sx[r * nb + b];
+    }
+  }
+  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]) + zacc[r];
+}
+
+/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int8 (sign moved onto x so maddubs sees |w|). */
+KERNEL static void dot_q8(const int8_t *qs, const uint16_t *d, const int8_t *qx, const float *dx, int64_t nb, int rows,
+                          float *res /* [rows] */) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; b++) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * 32));
+    const __m256i w_abs = _mm256_sign_epi8(w, w);
+    const float wd = half_to_float(d[b]);
+    for (int r = 0; r < rows; r++) {
+      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w)), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]);
+}
+
+/* Quantize the M activation rows into one buffer: qx [M, K] int8, then dx and sx [M, nb] fp32. NULL when out of memory. */
+KERNEL static int8_t *quantize_rows(const float *x, int64_t M, int64_t K, float **dx, float **sx) {
+  const int64_t nb = K / 32;
+  int8_t *buf = malloc((size_t)(M * K + 2 * M * nb * (int64_t)sizeof(float)));
+  if (buf == NULL) return NULL;
+  *dx = (float *)(buf + M * K);
+  *sx = *dx + M * nb;
+#pragma omp parallel for schedule(static) if (M > 4)
+  for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, nb, buf + m * K, *dx + m * nb, *sx + m * nb);
+  return buf;
+}
+
+/* The rows as the integer kernels see them: out [M, K] = qx * dx, int8 per block of 32. Returns 0 or -1 (no memory). */
+KERNEL int quantize_activations(const float *x, int64_t M, int64_t K, float *out) {
+  const int64_t nb = K / 32;
+  float *dx, *sx;
+  int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
+  if (qx == NULL) return -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < M * nb; i++) {
+    const __m256 d = _mm256_set1_ps(dx[i]);
+    for (int j = 0; j < 32; j += 8) {
+      const __m128i q = _mm_loadl_epi64((const __m128i *)(qx + i * 32 + j));
+      _mm256_storeu_ps(out + i * 32 + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+    }
+  }
+  free(qx);
+  return 0;
+}
+
+/* Returns 0, or -1 when the activation buffer could not be allocated (out is then untouched). */
+KERNEL int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d, const uint16_t *z,
+                     int64_t N, float *out) {
+  const int64_t nb = K / 32;
+  float *dx, *sx;
+  int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
+  if (qx == NULL) return -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    float res[4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
+      dot_q4(qs + n * nb * 16, d + n * nb, z + n * nb, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, nb, rows, res);
+      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
+    }
+  }
+  free(qx);
+  return 0;
+}
+
+KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *out) {
+  const int64_t nb = K / 32;
+  float *dx, *sx;
+  int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
+  if (qx == NULL) return -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    float res[4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
+      dot_q8(qs + n * K, d + n * nb, qx + m0 * K, dx + m0 * nb, nb, rows, res);
+      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
+    }
+  }
+  free(qx);
+  return 0;
+}
+
+/* The float32 weight [N, K] (for large batches, which then run a float GEMM). */
+KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t N, int64_t K, float *out) {
+  const int64_t nb = K / 32;
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N * nb; i++) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + i * 16));
+    const __m128i halves[2] = {_mm_and_si128(raw, low_mask), _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask)};
+    const __m256 wd = _mm256_set1_ps(half_to_float(d[i])), wz = _mm256_set1_ps(half_to_float(z[i]));
+    float *o = out + i * 32;  // block i of the row-major [N, K] weight starts at element 32 i
+    for (int h = 0; h < 2; h++) {
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h]));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8)));
+      _mm256_storeu_ps(o + 16 * h, _mm256_fmadd_ps(lo, wd, wz));
+      _mm256_storeu_ps(o + 16 * h + 8, _mm256_fmadd_ps(hi, wd, wz));
+    }
+  }
+}
+
+KERNEL void q8_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, float *out) {
+  const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N * nb; i++) {
+    const __m256 wd = _mm256_set1_ps(half_to_float(d[i]));
+    for (int j = 0; j < 32; j += 8) {
+      const __m128i q = _mm_loadl_epi64((const __m128i *)(qs + i * 32 + j));
+      _mm256_storeu_ps(out + i * 32 + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), wd));
+    }
+  }
+}
+#else
+int quant_kernels_supported(void) { return 0; }
+#endif
