@@ -8,6 +8,9 @@ few rows); the logits matrix (lm_head, or the tied token embedding) is quantized
 
 from __future__ import annotations
 
+from engine.gguf_file import GGUFFile
+from engine.gguf_weights import canonical_kind, hf_name
+from engine.model.config import ModelConfig
 from engine.model.mistral import MistralForCausalLM
 from engine.model.quant import QuantizedWeight, concat_rows
 from engine.model.quant_kernels import QuantKernel
@@ -22,14 +25,30 @@ _PROJECTIONS = (
 )
 
 
+def kept_quantized(gguf: GGUFFile, config: ModelConfig) -> set[str]:
+    """Hugging Face names of the weights install_quantized takes as they are (so the loader need not fill them as floats):
+    the parts of each projection whose parts share one format, and an untied lm_head stored quantized."""
+    kinds = {hf_name(name): canonical_kind(info.tensor_type) for name, info in gguf.tensors.items() if len(info.shape) == 2}
+    kept: set[str] = set()
+    for i in range(config.num_hidden_layers):
+        for module_name, _, parts in _PROJECTIONS:
+            names = [f"model.layers.{i}.{module_name}.{part}.weight" for part in parts]
+            if kinds.get(names[0]) is not None and len({kinds.get(name) for name in names}) == 1:
+                kept.update(names)
+    if not config.tie_word_embeddings and kinds.get("lm_head.weight") is not None:
+        kept.add("lm_head.weight")
+    return kept
+
+
 def install_quantized(model: MistralForCausalLM, weights: dict[str, QuantizedWeight], kernel: QuantKernel | None) -> int:
-    """Replace each projection whose parts are all in `weights` (Hugging Face names) in one format; returns how many."""
+    """Replace each projection whose parts are all in `weights` (Hugging Face names; one format, see kept_quantized) and
+    the logits matrix when it is there; returns how many layers."""
     count = 0
     for i, layer in enumerate(model.model.layers):
         for module_name, fused, parts in _PROJECTIONS:
             found = [weights.get(f"model.layers.{i}.{module_name}.{part}.weight") for part in parts]
             ws = [w for w in found if w is not None]
-            if len(ws) < len(parts) or len({(type(w), w.group_size) for w in ws}) != 1:
+            if len(ws) < len(parts):
                 continue  # a float part, or formats that do not fuse: the float layer stays
             parent = getattr(layer, module_name)
             linear = getattr(parent, fused)

@@ -160,6 +160,13 @@ def _int8(raw: np.ndarray, n: int, k: int) -> Int8Weight:
     return Int8Weight(qweight=qweight, scales=_block_scales(blocks, 0), group_size=GGUF_BLOCK)
 
 
+def canonical_kind(tensor_type: GGMLQuantizationType) -> str | None:
+    """ "int4" or "int8" (group 32) for the types decoded exactly into quantized weights, None for the rest (float)."""
+    if tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        return "int4"
+    return "int8" if tensor_type == GGMLQuantizationType.Q8_0 else None
+
+
 _EXACT = {
     GGMLQuantizationType.Q4_0: lambda raw, n, k: _int4(raw, n, k, has_min=False),
     GGMLQuantizationType.Q4_1: lambda raw, n, k: _int4(raw, n, k, has_min=True),

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_checkpoint import GGUFSelectionError, find_gguf_file, gguf_cache_root, gguf_model_dir, pick_gguf_file
 from engine.gguf_file import GGUFError, read_gguf
-from engine.gguf_layers import install_quantized
+from engine.gguf_layers import install_quantized, kept_quantized
 from engine.gguf_weights import gguf_weights
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
@@ -200,6 +200,9 @@ def load_model(
             continue
         target, rows = _target(model, name)
         tensor = read(partition.shard(name, model_config))
+        if tensor is None:  # goes into a quantized layer as it is, after this loop
+            seen.add(name)
+            continue
         dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
         if dest.shape != tensor.shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
@@ -223,7 +226,7 @@ def load_model(
 
 
 # A checkpoint tensor's reader: given this rank's shard (dim, start, stop) or None, the tensor (or its slice).
-TensorReader = Callable[[tuple[int, int, int] | None], torch.Tensor]
+TensorReader = Callable[[tuple[int, int, int] | None], torch.Tensor | None]
 
 
 def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, TensorReader]]:
@@ -237,19 +240,25 @@ def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tu
 def _gguf_tensors(
     gguf_path: Path, model_config: ModelConfig, quantized: dict[str, QuantizedWeight] | None
 ) -> Iterator[tuple[str, TensorReader]]:
-    """A GGUF file's tensors as float tensors (int4/int8 ones dequantized exactly, so every parameter is filled); with
-    `quantized`, the int4/int8 weights are also kept there as they are, for _install_gguf_quantized."""
+    """A GGUF file's tensors as float tensors (int4/int8 ones dequantized exactly). With `quantized`, the weights that
+    quantized layers will take as they are (gguf_layers.py) go there instead, their readers returning None (no float
+    copy), and a quantized tied embedding goes there too (for the logits) besides being dequantized for the lookup."""
     try:
         gguf = read_gguf(gguf_path)
+        kept = kept_quantized(gguf, model_config) if quantized is not None else set()
         for name, weight in gguf_weights(gguf, model_config):
             if isinstance(weight, torch.Tensor):
                 yield name, functools.partial(_slice, weight)
                 continue
-            if quantized is not None:
+            if quantized is not None and (name in kept or name == "model.embed_tokens.weight"):
                 quantized[name] = weight
-            yield name, functools.partial(_slice, dequantize(weight))
+            yield name, _filled_later if name in kept else functools.partial(_slice, dequantize(weight))
     except GGUFError as exc:
         raise ModelLoadError(str(exc)) from exc
+
+
+def _filled_later(shard: tuple[int, int, int] | None) -> None:
+    """The reader of a weight a quantized layer takes as it is (_install_gguf_quantized): nothing to copy."""
 
 
 def _install_gguf_quantized(

@@ -61,18 +61,24 @@ def random_weights(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def tensor_type(name: str) -> GGMLQuantizationType:
+def tensor_type(name: str, layer_types: dict[str, GGMLQuantizationType] | None = None) -> GGMLQuantizationType:
     if name == "token_embd.weight":
         return Q.F16
     if name == "output.weight":
         return Q.Q8_0
     kind = name.split(".")[2] if name.startswith("blk.") else ""
-    return LAYER_TYPES.get(kind, Q.F32)
+    return {**LAYER_TYPES, **(layer_types or {})}.get(kind, Q.F32)
 
 
-def write_tiny_gguf(path: pathlib.Path, vocab_size: int, tokenizer_dir: pathlib.Path | None = None) -> pathlib.Path:
-    """A tiny Llama GGUF at `path` (q/k rows permuted like llama.cpp's converter, mixed tensor types); with
-    `tokenizer_dir`, its tokenizer files are copied beside it (the GGUF itself then carries no tokenizer)."""
+def write_tiny_gguf(
+    path: pathlib.Path,
+    vocab_size: int,
+    tokenizer_dir: pathlib.Path | None = None,
+    layer_types: dict[str, GGMLQuantizationType] | None = None,
+) -> pathlib.Path:
+    """A tiny Llama GGUF at `path` (q/k rows permuted like llama.cpp's converter, mixed tensor types, LAYER_TYPES
+    updated by `layer_types`); with `tokenizer_dir`, its tokenizer files are copied beside it (the GGUF itself then
+    carries no tokenizer)."""
     writer = GGUFWriter(path, "llama")
     writer.add_block_count(NUM_LAYERS)
     writer.add_context_length(512)
@@ -89,7 +95,7 @@ def write_tiny_gguf(path: pathlib.Path, vocab_size: int, tokenizer_dir: pathlib.
             weight = llama_cpp_permute(weight, NUM_HEADS)
         elif ".attn_k." in name:
             weight = llama_cpp_permute(weight, NUM_KV_HEADS)
-        kind = tensor_type(name)
+        kind = tensor_type(name, layer_types)
         if kind == Q.F32:
             writer.add_tensor(name, weight)
         elif kind == Q.F16:

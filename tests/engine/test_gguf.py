@@ -22,7 +22,7 @@ from engine.gguf_file import GGUFError, read_gguf
 from engine.gguf_weights import decode_tensor, gguf_model_config, gguf_weights, hf_name
 from engine.loader import ModelLoadError, load_model, read_model_config, resolve_model_dir
 from engine.model.parallel import Partition
-from engine.model.quant import Int4Weight, dequantize
+from engine.model.quant import Int4Weight, dequantize, weight_shape
 from engine.model.quant_linear import QuantLinear
 from tests.engine.gguf_helpers import NUM_HEADS, NUM_KV_HEADS, hf_rows, write_tiny_gguf
 from tests.engine.model_helpers import load, paged_logits
@@ -158,6 +158,24 @@ def test_logits_equal_the_same_weights_in_float32(
     monkeypatch.setattr(loader, "load_quant_kernel", lambda kernel_dir: None)  # QuantLinear's PyTorch path
     got = paged_logits(load(tiny_gguf_dir), ids, prefill_len=30, chunk=16)
     assert (got - expected).abs().max().item() <= SAME_WEIGHTS_TOLERANCE
+
+
+def test_projections_whose_parts_differ_in_format_stay_float(
+    tiny_gguf_dir: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v in Q8_0 beside q/k in int4: qkv_proj cannot be one quantized layer, so it runs on the dequantized floats."""
+    mixed = write_tiny_gguf(tmp_path / "mixed.gguf", VOCAB, tiny_gguf_dir, layer_types={"attn_v": GGMLQuantizationType.Q8_0})
+    model_dir = gguf_model_dir(mixed, str(tmp_path / "cache"))
+    monkeypatch.setattr(loader, "load_quant_kernel", lambda kernel_dir: None)
+    model = load(model_dir)
+    for layer in model.model.layers:
+        assert not isinstance(layer.self_attn.qkv_proj, QuantLinear) and isinstance(layer.self_attn.o_proj, QuantLinear)
+    gguf = read_gguf(mixed)
+    q = dict(gguf_weights(gguf, gguf_model_config(gguf)))["model.layers.0.self_attn.q_proj.weight"]
+    assert not isinstance(q, torch.Tensor)
+    assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight[: weight_shape(q)[0]], dequantize(q))
+    ids = _ids(12, seed=4)
+    assert torch.isfinite(paged_logits(model, ids, prefill_len=12, chunk=12)).all()
 
 
 def test_logits_match_transformers_reading_the_same_gguf(
