@@ -16,7 +16,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import save_file
 
 from engine import LLM, SamplingParams, loader
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.gguf_checkpoint import find_gguf_file, gguf_model_dir, hf_config
 from engine.gguf_file import GGUFError, read_gguf
 from engine.gguf_weights import decode_tensor, gguf_model_config, gguf_weights, hf_name
@@ -24,6 +24,7 @@ from engine.loader import ModelLoadError, load_model, read_model_config, resolve
 from engine.model.parallel import Partition
 from engine.model.quant import Int4Weight, dequantize, weight_shape
 from engine.model.quant_linear import QuantLinear
+from engine.preflight import check_config
 from tests.engine.gguf_helpers import NUM_HEADS, NUM_KV_HEADS, hf_rows, write_tiny_gguf
 from tests.engine.model_helpers import load, paged_logits
 
@@ -334,3 +335,17 @@ def test_embedded_greedy_output_equals_the_float32_conversion(
         assert ours in top_float32 and theirs in top_gguf, f"{prompt}: parted at token {at} away from the top 2"
         margins = (top_float32[theirs] - top_float32[ours], top_gguf[ours] - top_gguf[theirs])
         assert max(margins) <= MAX_PARTING_MARGIN, f"{prompt}: parted at token {at} with margins {margins}"
+
+
+def test_preflight_reads_the_gguf_header(tiny_gguf: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """check_config fails in a second on a context the GGUF's metadata cannot hold, or an ambiguous folder."""
+    check_config(EngineConfig(model=str(tiny_gguf), max_model_len=512))
+    with pytest.raises(ConfigError, match="above the model's max_position_embeddings") as raised:
+        check_config(EngineConfig(model=str(tiny_gguf), max_model_len=513))
+    assert raised.value.field == "max_model_len"
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copy(tiny_gguf, tmp_path / name)
+    with pytest.raises(ConfigError, match="several GGUF files") as raised:
+        check_config(EngineConfig(model=str(tmp_path)))
+    assert raised.value.field == "gguf_file"
+    check_config(EngineConfig(model=str(tmp_path), gguf_file="a.gguf"))
