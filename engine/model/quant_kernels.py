@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
-# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon).
-MIN_GEMM_ROWS = {"int4": 16, "int8": 16}
+# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon: at
+# 576 -> 1728, int8 rows 64: 1.35 ms dot vs 1.61 GEMM, rows 128: 2.63 vs 2.33; int4 rows 256: 3.5 dot vs 4.0 GEMM).
+MIN_GEMM_ROWS = {"int4": 512, "int8": 96}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,29 +35,39 @@ class PackedWeight:
     """A quantized weight in the C kernel's layout: w = q * d (+ z for int4), per block of 32 along K."""
 
     kind: str  # "int4" | "int8"
-    qs: torch.Tensor  # int4: uint8 [N, K // 32, 16], byte j: q[j] low nibble, q[j + 16] high; int8: int8 [N, K]
-    d: torch.Tensor  # float16 [N, K // 32]
-    z: torch.Tensor | None  # float16 [N, K // 32] for int4, None for int8
+    qs: (
+        torch.Tensor
+    )  # 8 rows interleaved (quant_matmul.c): int4 uint8 [N // 8, K // 32, 4, 8, 4]; int8 [N // 8, K // 32, 8, 8, 4]
+    d: torch.Tensor  # float16 [N // 8, K // 32, 8]
+    z: torch.Tensor | None  # float16 [N // 8, K // 32, 8] for int4, None for int8
     shape: tuple[int, int]  # (N, K)
 
 
 def can_pack(w: QuantizedWeight) -> bool:
-    """Whether the kernel can take w: K and the group size whole numbers of blocks."""
-    _, k = weight_shape(w)
-    return k % BLOCK == 0 and w.group_size % BLOCK == 0
+    """Whether the kernel can take w: K and the group size whole numbers of blocks, N whole groups of 8 rows."""
+    n, k = weight_shape(w)
+    return k % BLOCK == 0 and w.group_size % BLOCK == 0 and n % 8 == 0
 
 
 def pack_for_cpu(w: QuantizedWeight) -> PackedWeight:
     """The canonical format -> the kernel's (scales rounded to fp16, as GGUF stores them)."""
     n, k = weight_shape(w)
     nb, repeat = k // BLOCK, w.group_size // BLOCK
-    d = w.scales.float().repeat_interleave(repeat, dim=1).half().contiguous()  # [N, nb]
+    d = w.scales.float().repeat_interleave(repeat, dim=1).half()  # [N, nb]
     if isinstance(w, Int4Weight):
-        q = unpack_int4(w.packed.cpu()).view(n, nb, 2, BLOCK // 2)  # [N, nb, 2, 16]: first and second half of each block
-        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()  # [N, nb, 16]
-        z = w.zeros.float().repeat_interleave(repeat, dim=1).half().contiguous()  # [N, nb]
-        return PackedWeight("int4", qs, d.cpu(), z.cpu(), (n, k))
-    return PackedWeight("int8", w.qweight.cpu().contiguous(), d.cpu(), None, (n, k))
+        q = unpack_int4(w.packed.cpu()).view(n // 8, 8, nb, 2, 4, 4)  # [groups, row i, block, half, step t, j]
+        q = q.permute(0, 2, 3, 4, 1, 5)  # [groups, block, half, t, i, j]: k = 32 block + 16 half + 4 t + j
+        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()  # [N // 8, nb, 4, 8, 4]
+        z = _interleave_scales(w.zeros.float().repeat_interleave(repeat, dim=1).half())  # [N // 8, nb, 8]
+        return PackedWeight("int4", qs, _interleave_scales(d).cpu(), z.cpu(), (n, k))
+    q8 = w.qweight.cpu().view(n // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [groups, block, step s, row i, j]
+    return PackedWeight("int8", q8.contiguous(), _interleave_scales(d).cpu(), None, (n, k))
+
+
+def _interleave_scales(scales: torch.Tensor) -> torch.Tensor:
+    """[N, nb] -> [N // 8, nb, 8]: a group's 8 rows' scales of one block side by side."""
+    n, nb = scales.shape
+    return scales.view(n // 8, 8, nb).transpose(1, 2).contiguous()
 
 
 class QuantKernel:

@@ -30,7 +30,7 @@ from engine.model.quant import (
     quantize_int8,
     unpack_int4,
 )
-from engine.model.quant_kernels import QuantKernel, load_quant_kernel, pack_for_cpu
+from engine.model.quant_kernels import MIN_GEMM_ROWS, QuantKernel, load_quant_kernel, pack_for_cpu
 from engine.model.quant_linear import QuantLinear
 from tests.conftest import REPO_ROOT
 from tests.engine.model_helpers import load, paged_logits
@@ -94,8 +94,12 @@ def test_concat_rows_fuses_along_n_and_refuses_mixed_formats() -> None:
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("num_rows", [1, 3, 5, 30])  # 30: the dequantize + GEMM path
-def test_kernel_equals_the_dequantized_matmul(kernel: QuantKernel, kind: str, group_size: int, num_rows: int) -> None:
+@pytest.mark.parametrize("num_rows", [1, 3, 5, 30])  # tiles of 4 rows, and a partial one
+@pytest.mark.parametrize("path", ["dot", "gemm"])  # integer dot products, or dequantize + float GEMM (large batches)
+def test_kernel_equals_the_dequantized_matmul(
+    kernel: QuantKernel, kind: str, group_size: int, num_rows: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(MIN_GEMM_ROWS, kind, 1 if path == "gemm" else 1 << 30)
     gen = torch.Generator().manual_seed(num_rows)
     w = torch.randn(40, 128, generator=gen) * 0.05
     qw = quantize_int4(w, group_size) if kind == "int4" else quantize_int8(w, group_size)
@@ -111,9 +115,11 @@ def test_kernel_equals_the_dequantized_matmul(kernel: QuantKernel, kind: str, gr
     x_step = x.abs().view(num_rows, 4, 32).amax(-1).repeat_interleave(32, dim=1) / 127  # [num_rows, K]
     bound = (x_step / 2) @ exact_w.abs().T + 2**-10 * x.abs() @ exact_w.abs().T  # [num_rows, 40]
     assert ((out - x @ exact_w.T).abs() <= bound + 1e-5).all()
-    # 3. A row's result does not depend on the rows beside it.
+    # 3. A row's result does not depend on the rows beside it, nor on the path its batch size picks.
     alone = torch.cat([kernel.linear(x[i : i + 1], packed) for i in range(num_rows)])
     torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(MIN_GEMM_ROWS, kind, 1 << 30 if path == "gemm" else 1)
+    torch.testing.assert_close(out, kernel.linear(x, packed), rtol=1e-5, atol=1e-5)
 
 
 def test_quant_linear_torch_path_is_the_dequantized_linear() -> None:

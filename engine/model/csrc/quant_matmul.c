@@ -8,9 +8,11 @@
  *
  * Layouts (all contiguous; the kernel-ready form quant_kernels.py builds from engine/model/quant.py's formats):
  *   x [M, K] fp32, out [M, N] fp32, K a multiple of 32, nb = K / 32 blocks per row;
- *   int4: qs uint8 [N, nb, 16], byte j of a block holds q[j] in its low nibble and q[j + 16] in its high nibble,
- *         d and z fp16 bits [N, nb]: w = q * d + z;
- *   int8: qs int8 [N, K], d fp16 bits [N, nb]: w = q * d.
+ *   int4: rows in groups of 8 (N a multiple of 8), qs uint8 [N / 8, nb, 4, 8, 4]: byte [g, b, t, i, j] holds
+ *         q[8g + i, 32b + 4t + j] in its low nibble and q[8g + i, 32b + 4(t + 4) + j] in its high nibble,
+ *         d and z fp16 bits [N / 8, nb, 8]: w = q * d + z;
+ *   int8: likewise 8 rows interleaved, qs int8 [N / 8, nb, 8, 8, 4]: [g, b, s, i, j] holds q[8g + i, 32b + 4s + j],
+ *         d fp16 bits [N / 8, nb, 8]: w = q * d.
  * Needs AVX2, FMA and F16C at run time (quant_kernels_supported() says); the functions are compiled for them alone.
  */
 #include <stdint.h>
@@ -67,44 +69,6 @@ KERNEL static void quantize_row(const float *x, int64_t nb, int8_t *qx, float *d
   }
 }
 
-/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int4. */
-KERNEL static void dot_q4(const uint8_t *qs, const uint16_t *d, const uint16_t *z, const int8_t *qx, const float *dx,
-                          const float *sx, int64_t nb, int rows, float *res /* [rows] */) {
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  float zacc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t b = 0; b < nb; b++) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
-    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low_mask);
-    const float wd = half_to_float(d[b]), wz = half_to_float(z[b]);
-    for (int r = 0; r < rows; r++) {
-      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);  // 8 x int32, exact
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
-      zacc[r] += wz * sx[r * nb + b];
-    }
-  }
-  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]) + zacc[r];
-}
-
-/* Rows [m0, m0 + rows) (rows <= 4) of x against weight row n, int8 (sign moved onto x so maddubs sees |w|). */
-KERNEL static void dot_q8(const int8_t *qs, const uint16_t *d, const int8_t *qx, const float *dx, int64_t nb, int rows,
-                          float *res /* [rows] */) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < nb; b++) {
-    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * 32));
-    const __m256i w_abs = _mm256_sign_epi8(w, w);
-    const float wd = half_to_float(d[b]);
-    for (int r = 0; r < rows; r++) {
-      const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + r * nb * 32 + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w)), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * dx[r * nb + b]), acc[r]);
-    }
-  }
-  for (int r = 0; r < rows; r++) res[r] = hsum(acc[r]);
-}
-
 /* Quantize the M activation rows into one buffer: qx [M, K] int8, then dx and sx [M, nb] fp32. NULL when out of memory. */
 KERNEL static int8_t *quantize_rows(const float *x, int64_t M, int64_t K, float **dx, float **sx) {
   const int64_t nb = K / 32;
@@ -136,6 +100,40 @@ KERNEL int quantize_activations(const float *x, int64_t M, int64_t K, float *out
 }
 
 /* Returns 0, or -1 when the activation buffer could not be allocated (out is then untouched). */
+/* Up to 4 activation rows against one group of 8 int4 weight rows: one row per lane, so no lane is ever summed across.
+ * Per block, step s (k = 4s..4s+3 of the block) multiplies each row's 4 weights by the same 4 activations (broadcast);
+ * maddubs sums pairs into int16 (8 steps add up to <= 8 * 2 * 15 * 127 < 2^15: exact), one madd makes the block's int32
+ * sums, then each row's scale and zero term apply. A row's result does not depend on the rows tiled beside it. */
+KERNEL static void group_q4(const uint8_t *wg, const uint16_t *dg, const uint16_t *zg, const int8_t *qx, const float *dx,
+                            const float *sx, int64_t nb, int64_t K, int rows, float *out, int64_t N) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i w[8];
+    for (int t = 0; t < 4; t++) {
+      const __m256i raw = _mm256_loadu_si256((const __m256i *)(wg + b * 128 + t * 32));
+      w[t] = _mm256_and_si256(raw, low_mask);
+      w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+    }
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * 8)));
+    const __m256 wz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zg + b * 8)));
+    for (int r = 0; r < rows; r++) {
+      const int8_t *xb = qx + r * K + b * 32;
+      __m256i sum16 = _mm256_setzero_si256();
+      for (int step = 0; step < 8; step++) {
+        int32_t x4;
+        __builtin_memcpy(&x4, xb + 4 * step, 4);
+        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(w[step], _mm256_set1_epi32(x4)));
+      }
+      const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));  // [8 rows] exact block sums
+      acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(wz, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * N, acc[r]);
+}
+
+/* Returns 0, or -1 when the activation buffer could not be allocated (out is then untouched). */
 KERNEL int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d, const uint16_t *z,
                      int64_t N, float *out) {
   const int64_t nb = K / 32;
@@ -143,16 +141,43 @@ KERNEL int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, co
   int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
   if (qx == NULL) return -1;
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
-    float res[4];
+  for (int64_t g = 0; g < N / 8; g++) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      dot_q4(qs + n * nb * 16, d + n * nb, z + n * nb, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, nb, rows, res);
-      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
+      group_q4(qs + g * nb * 128, d + g * nb * 8, z + g * nb * 8, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, nb, K, rows,
+               out + m0 * N + g * 8, N);
     }
   }
   free(qx);
   return 0;
+}
+
+/* group_q4 for int8 weights (8 rows interleaved, 4 bytes per row per step). maddubs needs one unsigned operand: it
+ * gets |w|, and x takes w's sign. One step's pair sums reach 2 * 127 * 127, so each step widens to int32 at once. */
+KERNEL static void group_q8(const int8_t *wg, const uint16_t *dg, const int8_t *qx, const float *dx, int64_t nb, int64_t K,
+                            int rows, float *out, int64_t N) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i w[8], w_abs[8];
+    for (int step = 0; step < 8; step++) {
+      w[step] = _mm256_loadu_si256((const __m256i *)(wg + b * 256 + step * 32));
+      w_abs[step] = _mm256_sign_epi8(w[step], w[step]);
+    }
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * 8)));
+    for (int r = 0; r < rows; r++) {
+      const int8_t *xb = qx + r * K + b * 32;
+      __m256i sum32 = _mm256_setzero_si256();
+      for (int step = 0; step < 8; step++) {
+        int32_t x4;
+        __builtin_memcpy(&x4, xb + 4 * step, 4);
+        const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(x4), w[step]);
+        sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[step], x), ones));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum32), _mm256_mul_ps(wd, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * N, acc[r]);
 }
 
 KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *out) {
@@ -161,12 +186,10 @@ KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, con
   int8_t *qx = quantize_rows(x, M, K, &dx, &sx);
   if (qx == NULL) return -1;
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
-    float res[4];
+  for (int64_t g = 0; g < N / 8; g++) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      dot_q8(qs + n * K, d + n * nb, qx + m0 * K, dx + m0 * nb, nb, rows, res);
-      for (int r = 0; r < rows; r++) out[(m0 + r) * N + n] = res[r];
+      group_q8(qs + g * nb * 256, d + g * nb * 8, qx + m0 * K, dx + m0 * nb, nb, K, rows, out + m0 * N + g * 8, N);
     }
   }
   free(qx);
@@ -176,18 +199,20 @@ KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, con
 /* The float32 weight [N, K] (for large batches, which then run a float GEMM). */
 KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t N, int64_t K, float *out) {
   const int64_t nb = K / 32;
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N * nb; i++) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + i * 16));
-    const __m128i halves[2] = {_mm_and_si128(raw, low_mask), _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask)};
-    const __m256 wd = _mm256_set1_ps(half_to_float(d[i])), wz = _mm256_set1_ps(half_to_float(z[i]));
-    float *o = out + i * 32;  // block i of the row-major [N, K] weight starts at element 32 i
-    for (int h = 0; h < 2; h++) {
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h]));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8)));
-      _mm256_storeu_ps(o + 16 * h, _mm256_fmadd_ps(lo, wd, wz));
-      _mm256_storeu_ps(o + 16 * h + 8, _mm256_fmadd_ps(hi, wd, wz));
+  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {  // one (group of 8 rows, block) each
+    const int64_t g = gb / nb, b = gb % nb;
+    const uint8_t *w = qs + gb * 128;
+    for (int i = 0; i < 8; i++) {
+      const float wd = half_to_float(d[gb * 8 + i]), wz = half_to_float(z[gb * 8 + i]);
+      float *o = out + (g * 8 + i) * K + b * 32;
+      for (int t = 0; t < 4; t++) {
+        for (int j = 0; j < 4; j++) {
+          const uint8_t byte = w[t * 32 + i * 4 + j];
+          o[4 * t + j] = (float)(byte & 0x0F) * wd + wz;
+          o[4 * (t + 4) + j] = (float)(byte >> 4) * wd + wz;
+        }
+      }
     }
   }
 }
@@ -195,11 +220,14 @@ KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *
 KERNEL void q8_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, float *out) {
   const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N * nb; i++) {
-    const __m256 wd = _mm256_set1_ps(half_to_float(d[i]));
-    for (int j = 0; j < 32; j += 8) {
-      const __m128i q = _mm_loadl_epi64((const __m128i *)(qs + i * 32 + j));
-      _mm256_storeu_ps(out + i * 32 + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), wd));
+  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {  // one (group of 8 rows, block) each
+    const int64_t g = gb / nb, b = gb % nb;
+    for (int i = 0; i < 8; i++) {
+      const float wd = half_to_float(d[gb * 8 + i]);
+      float *o = out + (g * 8 + i) * K + b * 32;
+      for (int step = 0; step < 8; step++) {
+        for (int j = 0; j < 4; j++) o[4 * step + j] = (float)qs[gb * 256 + step * 32 + i * 4 + j] * wd;
+      }
     }
   }
 }
