@@ -299,7 +299,7 @@ PROMPTS = [
 ]
 # Where the two paths may part: only at a near-tie, each path's pick the other's runner-up, within this many logits.
 # The C kernel rounds activations to int8 (see KERNEL_MEAN_TOLERANCE), which moves this model's logits by a few tenths:
-# over 8 chat prompts x 32 tokens (/tmp/gguf_work/greedy.py in the branch's report), 3 matched and 5 parted, at
+# over 8 chat prompts x 32 tokens (LLM.chat, greedy, logprobs=2, both paths), 3 matched and 5 parted, at
 # margins of 0.007 to 0.24 (float32) and 0.012 to 0.25 (GGUF); with an earlier kernel 6 parted, at up to 0.30.
 MAX_PARTING_MARGIN = 0.5
 
