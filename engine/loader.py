@@ -21,13 +21,12 @@ from safetensors import safe_open
 
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_checkpoint import GGUFSelectionError, find_gguf_file, gguf_cache_root, gguf_model_dir, pick_gguf_file
-from engine.gguf_file import GGUFError, read_gguf
-from engine.gguf_layers import install_quantized, kept_quantized
-from engine.gguf_weights import gguf_weights
+from engine.gguf_file import GGUFError
+from engine.gguf_layers import TensorReader, gguf_tensors, install_quantized
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
 from engine.model.parallel import WHOLE, Partition
-from engine.model.quant import QuantizedWeight, dequantize
+from engine.model.quant import QuantizedWeight
 from engine.model.quant_kernels import load_quant_kernel
 from engine.model.quant_linear import quantize_model
 
@@ -190,7 +189,7 @@ def load_model(
         raise ConfigError("quantization", "a GGUF file is served at its own precision: leave quantization unset")
     quantized: dict[str, QuantizedWeight] = {}  # a GGUF file's int4/int8 weights, kept as they are (one rank only)
     if gguf_path is not None:
-        tensors = _gguf_tensors(gguf_path, model_config, quantized if partition.world_size == 1 else None)
+        tensors = _gguf_readers(gguf_path, model_config, quantized if partition.world_size == 1 else None)
     else:
         tensors = _safetensors_tensors(files, device)
     for name, read in tensors:
@@ -217,7 +216,7 @@ def load_model(
     if quantization is not None:
         quantize(model, quantization, device, dtype)
     if quantized:
-        _install_gguf_quantized(model, quantized, gguf_cache_root(model_dir), device, dtype)
+        install_quantized(model, quantized, gguf_cache_root(model_dir), device, dtype)
     if partition.rank == 0:  # only rank 0 computes logits
         model.pack_cpu_logits()
     model.eval().requires_grad_(False)
@@ -225,8 +224,14 @@ def load_model(
     return model
 
 
-# A checkpoint tensor's reader: given this rank's shard (dim, start, stop) or None, the tensor (or its slice).
-TensorReader = Callable[[tuple[int, int, int] | None], torch.Tensor | None]
+def _gguf_readers(
+    gguf_path: Path, model_config: ModelConfig, quantized: dict[str, QuantizedWeight] | None
+) -> Iterator[tuple[str, TensorReader]]:
+    """gguf_layers.gguf_tensors, with a damaged file's error as a ModelLoadError."""
+    try:
+        yield from gguf_tensors(gguf_path, model_config, quantized)
+    except GGUFError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, TensorReader]]:
@@ -235,54 +240,6 @@ def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tu
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, functools.partial(_read_tensor, f, name)
-
-
-def _gguf_tensors(
-    gguf_path: Path, model_config: ModelConfig, quantized: dict[str, QuantizedWeight] | None
-) -> Iterator[tuple[str, TensorReader]]:
-    """A GGUF file's tensors as float tensors (int4/int8 ones dequantized exactly). With `quantized`, the weights that
-    quantized layers will take as they are (gguf_layers.py) go there instead, their readers returning None (no float
-    copy), and a quantized tied embedding goes there too (for the logits) besides being dequantized for the lookup."""
-    try:
-        gguf = read_gguf(gguf_path)
-        kept = kept_quantized(gguf, model_config) if quantized is not None else set()
-        for name, weight in gguf_weights(gguf, model_config):
-            if isinstance(weight, torch.Tensor):
-                yield name, functools.partial(_slice, weight)
-                continue
-            if quantized is not None and (name in kept or name == "model.embed_tokens.weight"):
-                quantized[name] = weight
-            yield name, _filled_later if name in kept else functools.partial(_slice, dequantize(weight))
-    except GGUFError as exc:
-        raise ModelLoadError(str(exc)) from exc
-
-
-def _filled_later(shard: tuple[int, int, int] | None) -> None:
-    """The reader of a weight a quantized layer takes as it is (_install_gguf_quantized): nothing to copy."""
-
-
-def _install_gguf_quantized(
-    model: MistralForCausalLM,
-    quantized: dict[str, QuantizedWeight],
-    kernel_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
-    """Serve a GGUF file's int4/int8 weights at their own precision (gguf_layers.py); the C kernel on CPU fp32."""
-    start = time.perf_counter()
-    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-    kernel = load_quant_kernel(kernel_dir) if is_cpu_fp32 else None
-    count = install_quantized(model, quantized, kernel)
-    path = "C kernel" if kernel is not None else "PyTorch dequantize + matmul"
-    logger.info("GGUF: %d quantized layers serve their own int4/int8 weights (%s), set up in %.1fs", count, path,
-                time.perf_counter() - start)  # fmt: skip
-
-
-def _slice(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
-    if shard is None:
-        return tensor
-    dim, begin, end = shard
-    return tensor.narrow(dim, begin, end - begin)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import save_file
 
-from engine import LLM, SamplingParams, loader
+from engine import LLM, SamplingParams, gguf_layers
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_checkpoint import find_gguf_file, gguf_model_dir, hf_config
 from engine.gguf_file import GGUFError, read_gguf
@@ -156,7 +156,7 @@ def test_logits_equal_the_same_weights_in_float32(
         assert diff.mean().item() <= KERNEL_MEAN_TOLERANCE and diff.max().item() <= KERNEL_MAX_TOLERANCE
     else:  # no C kernel here (no gcc or AVX2): the PyTorch path below is all there is
         assert diff.max().item() <= SAME_WEIGHTS_TOLERANCE
-    monkeypatch.setattr(loader, "load_quant_kernel", lambda kernel_dir: None)  # QuantLinear's PyTorch path
+    monkeypatch.setattr(gguf_layers, "load_quant_kernel", lambda kernel_dir: None)  # QuantLinear's PyTorch path
     got = paged_logits(load(tiny_gguf_dir), ids, prefill_len=30, chunk=16)
     assert (got - expected).abs().max().item() <= SAME_WEIGHTS_TOLERANCE
 
@@ -167,7 +167,7 @@ def test_projections_whose_parts_differ_in_format_stay_float(
     """v in Q8_0 beside q/k in int4: qkv_proj cannot be one quantized layer, so it runs on the dequantized floats."""
     mixed = write_tiny_gguf(tmp_path / "mixed.gguf", VOCAB, tiny_gguf_dir, layer_types={"attn_v": GGMLQuantizationType.Q8_0})
     model_dir = gguf_model_dir(mixed, str(tmp_path / "cache"))
-    monkeypatch.setattr(loader, "load_quant_kernel", lambda kernel_dir: None)
+    monkeypatch.setattr(gguf_layers, "load_quant_kernel", lambda kernel_dir: None)
     model = load(model_dir)
     for layer in model.model.layers:
         assert not isinstance(layer.self_attn.qkv_proj, QuantLinear) and isinstance(layer.self_attn.o_proj, QuantLinear)
@@ -186,7 +186,7 @@ def test_logits_match_transformers_reading_the_same_gguf(
     PyTorch path, which rounds no activations (the C kernel's own error is measured above)."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(loader, "load_quant_kernel", lambda kernel_dir: None)
+    monkeypatch.setattr(gguf_layers, "load_quant_kernel", lambda kernel_dir: None)
     hf = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32).eval()
     ids = _ids(40, seed=2)
     with torch.inference_mode():
