@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
-# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon: at
-# 576 -> 1728, int8 rows 64: 1.35 ms dot vs 1.61 GEMM, rows 128: 2.63 vs 2.33; int4 rows 256: 3.5 dot vs 4.0 GEMM).
-MIN_GEMM_ROWS = {"int4": 512, "int8": 96}
+# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon, CPU ms
+# at 576 -> 1728: int8 rows 64 1.35 dot vs 1.61 GEMM, rows 128 2.99 vs 2.49; int4 rows 128 2.26 vs 2.44, 256 4.17 vs 3.95).
+MIN_GEMM_ROWS = {"int4": 256, "int8": 96}
 
 
 @dataclass(frozen=True, slots=True)

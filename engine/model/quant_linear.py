@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.mistral import MistralForCausalLM
-from engine.model.quant import QuantizedWeight, dequantize, quantize_int4, quantize_int8, weight_shape
+from engine.model.quant import Int4Weight, QuantizedWeight, dequantize, quantize_int4, quantize_int8, weight_shape
 from engine.model.quant_kernels import PackedWeight, QuantKernel, can_pack, pack_for_cpu
 
 QUANTIZATION_METHODS = ("int8", "int4")
@@ -31,7 +31,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight_shape(weight)
         self.group_size = weight.group_size
-        self.kind = "int4" if hasattr(weight, "zeros") else "int8"
+        self.kind = "int4" if isinstance(weight, Int4Weight) else "int8"
         use_kernel = kernel is not None and weight.scales.device.type == "cpu" and can_pack(weight)
         self.kernel = kernel if use_kernel else None
         self.packed: PackedWeight | None = pack_for_cpu(weight) if use_kernel else None

@@ -31,7 +31,7 @@ from engine.model.quant import (
     unpack_int4,
 )
 from engine.model.quant_kernels import MIN_GEMM_ROWS, QuantKernel, load_quant_kernel, pack_for_cpu
-from engine.model.quant_linear import QuantLinear
+from engine.model.quant_linear import QuantLinear, quantize_weight
 from tests.conftest import REPO_ROOT
 from tests.engine.model_helpers import load, paged_logits
 
@@ -206,3 +206,22 @@ def test_a_group_size_that_does_not_divide_the_layers_is_refused(tiny_mistral_di
         load_model(
             tiny_mistral_dir, config, torch.device("cpu"), torch.float32, quantization=Quantization("int4", 128, KERNEL_DIR)
         )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_layers_on_cuda_run_the_dequantized_matmul(method: str, tiny_mistral_dir: pathlib.Path) -> None:
+    """CUDA keeps the canonical format on the GPU and runs dequantize + matmul in the model's dtype (no C kernel)."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=gen)
+    qw = quantize_weight(w.cuda(), method, 32)
+    layer = QuantLinear(qw, None, kernel=None)
+    x = torch.randn(3, 128, generator=gen).cuda().bfloat16()
+    assert layer.packed is None and layer.weight is not None and layer.weight.scales.is_cuda
+    torch.testing.assert_close(layer(x), F.linear(x, dequantize(qw).bfloat16()))
+    config = read_model_config(tiny_mistral_dir)
+    quantization = Quantization(method, 32, KERNEL_DIR)
+    model = load_model(tiny_mistral_dir, config, torch.device("cuda"), torch.bfloat16, quantization=quantization)
+    assert model.model.layers[0].mlp.gate_up_proj.packed is None
+    assert model.compute_logits(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)).shape == (2, config.vocab_size)

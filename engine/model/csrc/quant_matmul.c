@@ -197,20 +197,35 @@ KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, con
 }
 
 /* The float32 weight [N, K] (for large batches, which then run a float GEMM). */
+/* Each (group, block) holds 8 rows side by side, 4 values a row per 32 bytes: 8 bytes at a time are rows 2p and 2p + 1,
+ * widened to 8 floats, scaled by those rows' d (and z) and stored as two 4-float pieces of their rows. */
+KERNEL static inline void store_row_pair(__m256 v, float *row0, float *row1) {
+  _mm_storeu_ps(row0, _mm256_castps256_ps128(v));
+  _mm_storeu_ps(row1, _mm256_extractf128_ps(v, 1));
+}
+
+KERNEL static inline __m256 row_pair_scale(__m256 scales, int p) {  // [8 rows] -> [row 2p x4, row 2p + 1 x4]
+  return _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
+}
+
 KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t N, int64_t K, float *out) {
   const int64_t nb = K / 32;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
 #pragma omp parallel for schedule(static)
   for (int64_t gb = 0; gb < N / 8 * nb; gb++) {  // one (group of 8 rows, block) each
     const int64_t g = gb / nb, b = gb % nb;
-    const uint8_t *w = qs + gb * 128;
-    for (int i = 0; i < 8; i++) {
-      const float wd = half_to_float(d[gb * 8 + i]), wz = half_to_float(z[gb * 8 + i]);
-      float *o = out + (g * 8 + i) * K + b * 32;
-      for (int t = 0; t < 4; t++) {
-        for (int j = 0; j < 4; j++) {
-          const uint8_t byte = w[t * 32 + i * 4 + j];
-          o[4 * t + j] = (float)(byte & 0x0F) * wd + wz;
-          o[4 * (t + 4) + j] = (float)(byte >> 4) * wd + wz;
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + gb * 8)));
+    const __m256 wz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + gb * 8)));
+    for (int t = 0; t < 4; t++) {
+      const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + gb * 128 + t * 32));
+      uint8_t q[2][32];  // low nibbles (k = 4t + j), high nibbles (k = 4(t + 4) + j); row i at bytes 4i..4i+3
+      _mm256_storeu_si256((__m256i *)q[0], _mm256_and_si256(raw, low_mask));
+      _mm256_storeu_si256((__m256i *)q[1], _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask));
+      for (int h = 0; h < 2; h++) {
+        for (int p = 0; p < 4; p++) {
+          const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q[h] + 8 * p))));
+          float *row0 = out + (g * 8 + 2 * p) * K + b * 32 + 4 * t + 16 * h;
+          store_row_pair(_mm256_fmadd_ps(v, row_pair_scale(wd, p), row_pair_scale(wz, p)), row0, row0 + K);
         }
       }
     }
@@ -220,13 +235,14 @@ KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *
 KERNEL void q8_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, float *out) {
   const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static)
-  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {  // one (group of 8 rows, block) each
+  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {
     const int64_t g = gb / nb, b = gb % nb;
-    for (int i = 0; i < 8; i++) {
-      const float wd = half_to_float(d[gb * 8 + i]);
-      float *o = out + (g * 8 + i) * K + b * 32;
-      for (int step = 0; step < 8; step++) {
-        for (int j = 0; j < 4; j++) o[4 * step + j] = (float)qs[gb * 256 + step * 32 + i * 4 + j] * wd;
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + gb * 8)));
+    for (int step = 0; step < 8; step++) {
+      for (int p = 0; p < 4; p++) {
+        const __m128i q = _mm_loadl_epi64((const __m128i *)(qs + gb * 256 + step * 32 + 8 * p));
+        float *row0 = out + (g * 8 + 2 * p) * K + b * 32 + 4 * step;
+        store_row_pair(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), row_pair_scale(wd, p)), row0, row0 + K);
       }
     }
   }
