@@ -24,13 +24,18 @@ def setting(default: Any, description: str, **bounds: float) -> Any:
 class EngineConfig:
     """Every field is a setting (gateway/settings.py derives its engine part from these); __post_init__ checks them."""
 
-    model: str | None = setting(None, "Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct")
+    model: str | None = setting(
+        None, "Local directory, .gguf file or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
+    )
+    gguf_file: str | None = setting(
+        None, "GGUF file to serve from the model's folder or Hub repo; unset: its only one, if it has no safetensors"
+    )
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of the model")
     hf_token: str | None = setting(None, "Hugging Face token for gated or private repos (also read from HF_TOKEN)")
     download_dir: str | None = setting(
         None, "Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
     )
-    cache_dir: str | None = setting(None, "Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
+    cache_dir: str | None = setting(None, "Sirocco's cache (GGUF model directories, compiled kernels); unset: ~/.cache/sirocco")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )

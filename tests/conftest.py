@@ -18,10 +18,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> pathlib.Path:
-    """The converted SmolLM2-135M-Instruct directory, cached under <repo>/.cache/sirocco (gitignored) across runs."""
-    from engine.embedded import embedded_model_dir as convert_or_find
+    """SmolLM2-135M-Instruct converted to float32 safetensors (what transformers' reference reads), cached under
+    <repo>/.cache/sirocco (gitignored) across runs. The server itself serves the GGUF: embedded_gguf_dir."""
+    from engine.embedded import embedded_float32_dir
 
-    return convert_or_find(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
+    return embedded_float32_dir(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf_dir() -> pathlib.Path:
+    """The model directory serving SmolLM2-135M-Instruct from its GGUF file (what `sirocco serve` runs by default)."""
+    from engine.embedded import embedded_model_dir as gguf_model_dir
+
+    return gguf_model_dir(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
 
 
 def write_tiny_mistral(
