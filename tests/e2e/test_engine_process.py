@@ -3,7 +3,6 @@ streamed and not, and after SIGTERM no process the server started remains."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 
@@ -12,24 +11,10 @@ import pytest
 from conftest import MODEL, ServerProcess
 
 from tests.conditions import wait_until
+from tests.server import child_pids, is_running
 
 pytestmark = pytest.mark.slow
 BOUND_S = 120.0  # bounds a hang; a healthy run never gets near it
-
-
-def _child_pids(pid: int) -> set[int]:
-    """The direct children of a process (Linux /proc): the engine-core process, and multiprocessing's helper."""
-    children = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(child) for child in children}
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = pathlib.Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")  # a zombie has exited
 
 
 def test_engine_process_serves_and_leaves_nothing_behind(tmp_path: pathlib.Path, embedded_model_dir: pathlib.Path) -> None:
@@ -37,7 +22,7 @@ def test_engine_process_serves_and_leaves_nothing_behind(tmp_path: pathlib.Path,
     server = ServerProcess(tmp_path / "server.log", {"SIROCCO_ENGINE_PROCESS": "true"})
     try:
         server.wait_ready()
-        children = _child_pids(server.process.pid)
+        children = child_pids(server.process.pid)
         assert children, "the engine-core process should be a child of the server"
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=BOUND_S)
         body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0.0}
@@ -60,6 +45,7 @@ def test_engine_process_serves_and_leaves_nothing_behind(tmp_path: pathlib.Path,
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=BOUND_S) == 0, server.log()
         assert "Traceback" not in server.log(), server.log()
-        wait_until(lambda: not any(_is_running(pid) for pid in children), "the server's child processes to exit", BOUND_S)
+        wait_until(lambda: not any(is_running(pid) for pid in children), "the server's child processes to exit", BOUND_S)
     finally:
         server.stop()
+
