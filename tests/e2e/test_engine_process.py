@@ -1,11 +1,16 @@
 """End to end with the engine loop in its own process (SIROCCO_ENGINE_PROCESS=true): the openai SDK gets the same text
-streamed and not, and after SIGTERM no process the server started remains."""
+streamed and not, and after SIGTERM no process the server started remains; when the engine process dies, pending and new
+requests get clean 503 errors. (A request failing inside the engine process: tests/reliability/test_chaos.py.)"""
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from conftest import MODEL, ServerProcess
@@ -49,3 +54,50 @@ def test_engine_process_serves_and_leaves_nothing_behind(tmp_path: pathlib.Path,
     finally:
         server.stop()
 
+
+def _engine_core_pid(server: ServerProcess) -> int:
+    """The engine-core child (started by multiprocessing's spawn), not multiprocessing's resource tracker."""
+    pids = [pid for pid in child_pids(server.process.pid) if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def test_engine_process_death_fails_pending_requests_and_turns_health_503(
+    tmp_path: pathlib.Path, embedded_model_dir: pathlib.Path
+) -> None:
+    """The engine-core process killed mid-stream: the stream ends with one error event, the other request in flight gets a 503,
+    /health and new requests answer 503 engine_dead at once (no hang), and SIGTERM still ends the server cleanly."""
+    assert embedded_model_dir.is_dir()
+    server = ServerProcess(tmp_path / "server.log", {"SIROCCO_ENGINE_PROCESS": "true"})
+    long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
+    try:
+        server.wait_ready()
+        engine_pid = _engine_core_pid(server)
+        url = f"{server.base_url}/v1/completions"
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            httpx.stream("POST", url, json={**long, "stream": True}, timeout=BOUND_S) as stream,
+        ):
+            lines = stream.iter_lines()
+            data = [next(line for line in lines if line.startswith("data:"))]  # the stream is under way
+            whole = pool.submit(httpx.post, url, json=long, timeout=BOUND_S)
+            wait_until(lambda: server.metric("sirocco_requests_running") == 2, "both requests to run in the engine")
+            os.kill(engine_pid, signal.SIGKILL)
+            data += [line for line in lines if line.startswith("data:")]
+        answer = whole.result(timeout=BOUND_S)
+        assert "[DONE]" not in data[-1]
+        error = json.loads(data[-1].removeprefix("data:"))["error"]
+        assert error["code"] == "engine_dead" and error["type"] == "service_unavailable_error", error
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_dead", answer.text
+        health = httpx.get(f"{server.base_url}/health", timeout=BOUND_S)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead", health.text
+        refused = httpx.post(url, json={**long, "max_tokens": 1}, timeout=BOUND_S)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead", refused.text
+        assert "the engine process died: killed by SIGKILL" in server.log(), server.log()
+        children = child_pids(server.process.pid)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=BOUND_S) == 0, server.log()
+        wait_until(lambda: not any(is_running(pid) for pid in children), "the server's child processes to exit", BOUND_S)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()
