@@ -42,30 +42,22 @@ MAX_TOKENS = 12
 DRAIN_TIMEOUT_S = 120.0  # the server exits once drained; this only bounds a drain that never ends
 
 
+SETTINGS = {
+    "SIROCCO_MAX_NUM_SEQS": "16",
+    "SIROCCO_MAX_WAITING_REQUESTS": "24",
+    "SIROCCO_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> Iterator[Server]:
-    yield from start_server(
-        tmp_path_factory,
-        embedded_model_dir,
-        with_faults=True,
-        SIROCCO_MAX_NUM_SEQS="16",
-        SIROCCO_MAX_WAITING_REQUESTS="24",
-        SIROCCO_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),
-    )
+    yield from start_server(tmp_path_factory, embedded_model_dir, with_faults=True, **SETTINGS)
 
 
 @pytest.fixture(scope="module")
 def process_server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> Iterator[Server]:
     """The same server with the engine's step loop in its own process."""
-    yield from start_server(
-        tmp_path_factory,
-        embedded_model_dir,
-        with_faults=True,
-        SIROCCO_ENGINE_PROCESS="true",
-        SIROCCO_MAX_NUM_SEQS="16",
-        SIROCCO_MAX_WAITING_REQUESTS="24",
-        SIROCCO_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),
-    )
+    yield from start_server(tmp_path_factory, embedded_model_dir, with_faults=True, SIROCCO_ENGINE_PROCESS="true", **SETTINGS)
 
 
 @pytest.fixture(params=["server", "process_server"], ids=["engine_thread", "engine_process"])
