@@ -11,17 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from engine import (
-    AsyncEngine,
-    ChatTemplateInfo,
-    CompletionOutput,
-    EngineConfig,
-    EngineStats,
-    RequestOutput,
-    SamplingParams,
-    Usage,
-    async_engine,
-)
+from engine import AsyncEngine, CompletionOutput, EngineConfig, EngineStats, RequestOutput, SamplingParams, Usage, async_engine
 from engine.llm_engine import StepResult
 
 WORD = " x"  # the text of one token: a chunk's token count is its number of words
@@ -39,8 +29,6 @@ class ZeroCostEngine:
         self.is_alive = True
         self.num_running = 0
         self.num_generation_tokens = 0
-        self.chat_template_info = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=False)
-        self.fingerprint = "zero-cost"
 
     def start(self) -> None:
         pass
