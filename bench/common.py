@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
 from engine.threads import num_usable_cpus
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def num_cores() -> int:
@@ -32,8 +37,19 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "transformers": transformers.__version__}
+def versions() -> dict[str, str | None]:
+    """Library versions and the source tree's commit: every record says what code produced it."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit()}
+
+
+@functools.cache  # read once: a commit made while a bench runs does not change what the bench runs
+def commit() -> str | None:
+    """The short hash of the checked-out commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def emit(record: dict[str, Any], out_path: str | None) -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +27,11 @@ from typing import Any
 
 import torch
 
-from bench.common import describe_device, emit, free_memory, set_threads, synchronize, versions
+from bench.common import REPO_ROOT, describe_device, emit, free_memory, set_threads, synchronize, versions
 from bench.offline import BenchRequest, load_hf_model, run_hf_cb, run_hf_padded, warm_up_hf, warm_up_hf_cb
 from engine import EngineConfig, SamplingParams
 from engine.llm_engine import LLMEngine
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_7B = {
     "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
     "intermediate_size": 14336, "vocab_size": 32768,
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_dir = embedded_model_dir(str(REPO_ROOT / ".cache" / "sirocco"))
     model_dir = write_checkpoint(work_dir, shapes, dtype, device, args.seed, tokenizer_dir)
     base = {
-        "bench": "gpu", "device": describe_device(device), **versions(), "triton": _triton_version(), "commit": _commit(),
+        "bench": "gpu", "device": describe_device(device), **versions(), "triton": _triton_version(),
         "is_smoke": args.smoke, "shapes": "smoke" if args.smoke else "mistral-7b", "dtype": str(dtype).removeprefix("torch."),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
@@ -337,14 +335,6 @@ def _triton_version() -> str | None:
     except ImportError:
         return None
     return str(triton.__version__)
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 if __name__ == "__main__":

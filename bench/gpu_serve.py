@@ -30,7 +30,7 @@ import httpx
 import torch
 
 from bench.common import describe_device, emit, free_memory, versions
-from bench.gpu import BenchRequest, _commit, make_workload, run_workload
+from bench.gpu import BenchRequest, make_workload, run_workload
 from bench.serve import percentile, settings_env, start_server, stop_server
 from engine import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     if args.smoke:
         settings["kv_cache_gib"] = 0.25
-    base = {"bench": "gpu_serve", "commit": _commit(), "is_smoke": args.smoke, **versions()}
+    base = {"bench": "gpu_serve", "is_smoke": args.smoke, **versions()}
 
     # 1. Engine only; the servers get its KV block count, so every run has the same cache.
     engine = LLMEngine(EngineConfig(**settings))

@@ -311,7 +311,11 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=6.0)
     parser.add_argument("--label", default="", help="free text recorded in every line (e.g. the gateway version measured)")
     parser.add_argument("--out", default=None, help="also append the JSON lines here")
-    parser.add_argument("--profile", default=None, help="write the (first) server's cProfile stats here; skews its figures")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write the first server's cProfile stats here; skews its figures (its lines say is_profiled)",
+    )
     args = parser.parse_args()
     if args.command == "serve":
         serve(args.port, args.tokens_per_delta, args.step_s, args.profile)
@@ -325,14 +329,14 @@ def main() -> None:
         runs[(int(k), None)] = [("chat", top)]
     for rate in filter(None, args.paced_tokens_per_s.split(",")):
         runs[(1, float(rate))] = [("chat", top)]
-    for (tokens_per_delta, target), levels in runs.items():
-        if not levels:
-            continue
+    set_ups = [(set_up, levels) for set_up, levels in runs.items() if levels]
+    for index, ((tokens_per_delta, target), levels) in enumerate(set_ups):
+        profile_path = args.profile if index == 0 else None  # the first server only: a later one would overwrite it
         step_s = None if target is None else top / target  # every running request gets one token per step
         control = {}
         if step_s is not None:  # the same stepping with no HTTP side beside it, just before
             control = {"control_step_late_ms_mean": round(control_lateness(step_s, top, args.window_s), 2)}
-        with Server(tokens_per_delta, step_s, args.profile) as server:
+        with Server(tokens_per_delta, step_s, profile_path) as server:
             report_path = None if step_s is None else _report_path(server.port)
             for endpoint, concurrency in levels:
                 result = asyncio.run(
@@ -356,6 +360,7 @@ def main() -> None:
                     "concurrency": concurrency,
                     "tokens_per_delta": tokens_per_delta,
                     "max_tokens": args.max_tokens,
+                    "is_profiled": profile_path is not None,  # cProfile slows the server: not comparable with the others
                     **result,
                     **control,
                     **_machine(),

@@ -6,7 +6,10 @@ output tokens each, EOS ignored, greedy. Engines:
   hf       transformers generate() on left-padded batches of 16; every row runs to the batch's longest output
   hf-cb    transformers' continuous batching manager (the one generate_batch wraps), max_new_tokens per request
 Only useful tokens count: each request's own output length, whatever an engine computed beyond it.
-Then one line with Sirocco's fraction of the compute roofline (workload FLOPs / measured matmul FLOP/s) and the ratios.
+The engines run in a palindrome (sirocco, hf, hf-cb, hf, sirocco), one line per run: every engine's runs are centred on
+the middle of the session, so a machine that slows down or speeds up over it weighs on each engine alike.
+Then one line with Sirocco's fraction of the compute roofline (workload FLOPs / measured matmul FLOP/s) and the ratios,
+from each engine's mean time over its runs.
 
     python -m bench.offline --out bench/results/offline-cpu.jsonl
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.common import describe_device, emit, measure_matmul_flops, set_threads, synchronize, versions
+from bench.common import describe_device, emit, free_memory, measure_matmul_flops, set_threads, synchronize, versions
 from engine import LLM, EngineConfig, SamplingParams
 from engine.embedded import embedded_float32_dir
 from engine.loader import read_model_config, resolve_model_dir
@@ -234,7 +237,8 @@ def workload_flops(workload: list[BenchRequest], config: ModelConfig) -> int:
 def roofline_record(
     workload: list[BenchRequest], config: ModelConfig, results: dict[str, dict[str, Any]], peak: float, device: torch.device
 ) -> dict[str, Any]:
-    """peak: the best matmul FLOP/s seen in this run (measured before and after the engines: others share the box)."""
+    """peak: the best matmul FLOP/s seen in this run (measured before and after the engines: others share the box);
+    results: per engine, its mean over its runs (mean_of_runs)."""
     flops = workload_flops(workload, config)
     roofline_s = flops / peak
     record: dict[str, Any] = {
@@ -244,6 +248,7 @@ def roofline_record(
         "roofline_seconds": round(roofline_s, 3),
         "roofline_useful_tok_per_s": round(useful_tokens(workload) / roofline_s, 2),
     }
+    record["runs_useful_tok_per_s"] = {name: result["runs_useful_tok_per_s"] for name, result in results.items()}
     sirocco = results.get("sirocco")
     if sirocco:
         record["sirocco_fraction_of_roofline"] = round(roofline_s / sirocco["seconds"], 3)
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="Sirocco's token budget per step")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = list(dict.fromkeys(e.strip() for e in args.engines.split(",") if e.strip()))  # each once, in order
     unknown = set(engines) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
@@ -287,28 +292,56 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = resolve_model_dir(EngineConfig(model=args.model, cache_dir=args.cache_dir))
     workload = make_workload(llm.tokenizer, args.requests, args.seed)
     pad_id = min(llm.tokenizer.eos_token_ids)  # transformers pads with EOS; padded positions are masked out
+    first_llm: LLM | None = llm  # the first sirocco run uses it; later ones load a fresh engine of the same size
+    del llm
 
     peak_before = measure_matmul_flops(device, dtype)
-    results: dict[str, dict[str, Any]] = {}
-    if "sirocco" in engines:
-        warm_up_sirocco(llm)
-        results["sirocco"] = run_sirocco(llm, workload)
-        emit(results["sirocco"], args.out)
-    del llm  # frees the KV cache before transformers allocates its own
-    if "hf" in engines:
-        model = load_hf_model(model_dir, device, dtype)
-        warm_up_hf(model, pad_id)
-        results["hf"] = run_hf_padded(model, workload, pad_id)
-        emit(results["hf"], args.out)
-        del model
-    if "hf-cb" in engines:
-        model = load_hf_model(model_dir, device, dtype)
-        warm_up_hf_cb(model)
-        results["hf-cb"] = run_hf_cb(model, workload)
-        emit(results["hf-cb"], args.out)
-        del model
+    order = run_order(engines)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for position, name in enumerate(order):
+        if name == "sirocco":
+            llm = first_llm or LLM(model=args.model, **engine_kwargs)
+            first_llm = None
+            warm_up_sirocco(llm)
+            record = run_sirocco(llm, workload)
+            del llm
+        else:
+            first_llm = None  # frees the KV cache before transformers allocates its own
+            free_memory(device)
+            model = load_hf_model(model_dir, device, dtype)
+            record = run_hf(name, model, workload, pad_id)
+            del model
+        free_memory(device)
+        record |= {"run": position + 1, "run_order": "-".join(order)}
+        emit(record, args.out)
+        runs.setdefault(name, []).append(record)
     peak = max(peak_before, measure_matmul_flops(device, dtype))
+    results = {name: mean_of_runs(records) for name, records in runs.items()}
     emit(roofline_record(workload, read_model_config(model_dir), results, peak, device), args.out)
+
+
+def run_order(engines: list[str]) -> list[str]:
+    """A-B-C-B-A: each engine's runs are centred on the middle, so a linear drift of the machine's speed cancels out."""
+    return engines + engines[-2::-1]
+
+
+def run_hf(name: str, model: Any, workload: list[BenchRequest], pad_id: int) -> dict[str, Any]:
+    """One warmed-up run of a transformers engine: `hf` (padded generate()) or `hf-cb` (continuous batching)."""
+    if name == "hf":
+        warm_up_hf(model, pad_id)
+        return run_hf_padded(model, workload, pad_id)
+    warm_up_hf_cb(model)
+    return run_hf_cb(model, workload)
+
+
+def mean_of_runs(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's runs as one: the mean time, the useful tokens/s it gives, and each run's tokens/s."""
+    seconds = sum(record["seconds"] for record in records) / len(records)
+    return {
+        "seconds": seconds,
+        "useful_tok_per_s": records[0]["useful_output_tokens"] / seconds,
+        "runs_useful_tok_per_s": [record["useful_tok_per_s"] for record in records],
+    }
 
 
 if __name__ == "__main__":

@@ -2,19 +2,22 @@
 
 Order: flags over Settings (gateway/startup.py) -> every setting checked -> port bound -> uvicorn, whose lifespan loads the
 engine in the background (/health 503 "loading" meanwhile). A startup failure is one log line and exit 1 (the traceback
-only with --log-level debug). SIGINT or SIGTERM while loading exits at once with 128 + the signal number. Once loaded,
-SIGTERM drains: new requests get 503 (and /health 503) while in-flight ones run up to drain_timeout_s, then exit 0.
+only with --log-level debug). SIGINT or SIGTERM while loading exits at once with 128 + the signal number, leaving the
+load where it is (exit_abandoning_the_load). Once loaded, SIGTERM drains: new requests get 503 (and /health 503) while
+in-flight ones run up to drain_timeout_s, then exit 0.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sirocco")
 _GRACEFUL_SHUTDOWN_S = 2.0  # after the drain: time for idle keep-alive connections to close
 _EXPIRED_DRAIN_GRACE_S = 5.0  # after the drain timeout: time for the streams to send their final error event
+_CHILD_EXIT_TIMEOUT_S = 5.0  # after SIGTERM to a child process still loading, before SIGKILL
 
 
 class DrainingServer(uvicorn.Server):
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
-    """Run `sirocco ...` and return the exit status."""
+    """Run `sirocco ...` and return the exit status; a signal while loading ends the process here instead."""
     # Imported here so that main() catches a Ctrl+C during these imports (torch, transformers) and ends quietly.
     from gateway.app import create_app
     from gateway.logs import configure_logging
@@ -118,7 +122,32 @@ def serve(argv: Sequence[str] | None = None) -> int:
     )
     server = DrainingServer(config, app.state.gateway)
     server.run(sockets=[sock])
+    if server.interrupted_by is not None:
+        exit_abandoning_the_load(server.exit_status)
     return server.exit_status
+
+
+def exit_abandoning_the_load(status: int) -> NoReturn:
+    """Exit with `status` at once, skipping the interpreter's shutdown, while the load thread is still at work.
+
+    The load runs on a daemon thread, mostly inside torch with the GIL released (reading the weights, zeroing the KV
+    cache). A normal exit finalizes the interpreter; a daemon thread that then comes back for the GIL is ended with
+    pthread_exit, whose unwinding through torch's C++ frames calls std::terminate: "terminate called without an active
+    exception" and SIGABRT instead of 128 + the signal. So nothing more runs in Python: the logs are flushed, child
+    processes still loading (the engine-core process, tensor-parallel ranks) are stopped, and os._exit ends the process.
+    """
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(_CHILD_EXIT_TIMEOUT_S)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,3 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     message = f"Unknown route: {request.method} {request.url.path}" if is_unknown_route else exc.detail
     code = "not_found" if is_unknown_route else None
     return error_response(APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
-
-
-async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    return error_response(from_engine_error(exc, retry_after_s=1))

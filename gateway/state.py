@@ -38,10 +38,6 @@ class GatewayState:
         return self.engine.stats() if self.engine is not None else None
 
     @property
-    def is_ready(self) -> bool:
-        return self.engine is not None and self.engine.is_alive and not self.is_draining
-
-    @property
     def is_loading(self) -> bool:
         return self.engine is None and self.load_error is None
 

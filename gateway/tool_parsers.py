@@ -158,10 +158,6 @@ class ToolCallParser:
             return ParsedEvents()
         return ParsedEvents(held)
 
-    @property
-    def has_calls(self) -> bool:
-        return self._num_calls > 0
-
     def _open_call(self, content: list[str]) -> bool:
         """Release text before a trigger; True once a trigger starts a call (held from the trigger on)."""
         trigger = self.tool_format.trigger

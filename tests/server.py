@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -20,6 +21,29 @@ from tests.conditions import wait_until
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
 IDLE_GAUGES = ("sirocco_requests_running", "sirocco_requests_waiting", "sirocco_kv_cache_usage_ratio")
+
+
+def child_pids(pid: int) -> set[int]:
+    """The direct children of a process, whichever of its threads started them (Linux /proc): e.g. the engine-core
+    process, and multiprocessing's helper."""
+    children: set[int] = set()
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            children.update(int(child) for child in (task / "children").read_text().split())
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """True while the process exists and has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """End to end: one server with an API key and a one-slot engine (401, 429 with Retry-After, the SIGTERM drain), and
-startups of their own: /health 503 "loading" while the model loads, a signal then, a failed load, a busy port."""
+startups of their own: /health 503 "loading" while the model loads, a signal then (preparing the embedded model,
+loading the weights, allocating the KV cache), a failed load, a busy port."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import pytest
 from conftest import MODEL, REPO_ROOT, ServerProcess, start_server
 
 from tests.conditions import wait_until
+from tests.server import child_pids, is_running
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BOUND_S = 120.0  # bounds a hang; a healthy run never gets near it
+HELD_LOAD_SERVER = pathlib.Path(__file__).with_name("held_load_server.py")
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "stream": True}
 
 
@@ -147,9 +150,9 @@ def test_a_drain_that_times_out_ends_streams_with_an_error_event(tmp_path: pathl
     assert "Traceback" not in server.log(), server.log()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_loading_stops_the_server_at_once(tmp_path: pathlib.Path, sig: signal.Signals) -> None:
+def test_a_signal_while_preparing_stops_the_server_at_once(tmp_path: pathlib.Path) -> None:
     # An empty cache: the embedded model's tokenizer is extracted from its GGUF first (the slowest first start there is).
+    sig = signal.SIGINT
     server = ServerProcess(tmp_path / "server.log", {"SIROCCO_CACHE_DIR": str(tmp_path / "cache")})
     try:
         health = _wait_for_loading(server)
@@ -162,6 +165,34 @@ def test_a_signal_while_loading_stops_the_server_at_once(tmp_path: pathlib.Path,
         server.stop()
     assert "Traceback" not in server.log() and "CancelledError" not in server.log(), server.log()
     assert f"interrupted by {sig.name} while loading" in server.log()
+
+
+@pytest.mark.parametrize(
+    ("moment", "sig", "is_engine_process"),
+    [("weights", signal.SIGINT, False), ("kv_cache", signal.SIGTERM, False), ("weights", signal.SIGTERM, True)],
+)
+def test_a_signal_during_the_weights_load_or_kv_cache_allocation_exits_cleanly(
+    tmp_path: pathlib.Path, embedded_model_dir: pathlib.Path, moment: str, sig: signal.Signals, is_engine_process: bool
+) -> None:
+    """The loading thread is inside torch when the signal comes: the exit is 128 + the signal, not std::terminate's abort;
+    in engine-process mode the engine-core child, which was loading, is stopped too."""
+    assert embedded_model_dir.is_dir()
+    settings = {"HOLD_LOAD_AT": moment, "SIROCCO_ENGINE_PROCESS": str(is_engine_process).lower()}
+    server = ServerProcess(tmp_path / "server.log", settings, HELD_LOAD_SERVER)
+    try:
+        marker = f"test: holding the load at {moment}"
+        wait_until(lambda: marker in server.log() or server.process.poll() is not None, f"the log line {marker!r}", BOUND_S)
+        assert server.process.poll() is None, server.log()
+        children = child_pids(server.process.pid)
+        server.process.send_signal(sig)
+        assert server.process.wait(timeout=BOUND_S) == 128 + sig, server.log()
+    finally:
+        server.stop()
+    log = server.log()
+    assert "terminate called" not in log and "Traceback" not in log, log
+    assert f"interrupted by {sig.name} while loading" in log
+    assert bool(children) == is_engine_process, children  # the engine-core child (and multiprocessing's helper), or none
+    wait_until(lambda: not any(is_running(pid) for pid in children), "the server's child processes to exit", BOUND_S)
 
 
 def test_a_failed_load_is_one_line_and_exit_1(tmp_path: pathlib.Path) -> None:
@@ -196,7 +227,7 @@ def test_a_first_start_with_json_logs_writes_only_json_lines(tmp_path: pathlib.P
     server = ServerProcess(tmp_path / "server.log", settings)
     try:
         health = _wait_for_loading(server)
-        assert health.status_code == 503, health.text  # the port opens long before the conversion is done
+        assert health.status_code == 503, health.text  # the port opens long before the embedded model is prepared
         server.wait_ready(timeout_s=280)
         server.process.send_signal(signal.SIGINT)
         server.process.wait(timeout=30)

@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -95,15 +96,14 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
 
 
 def test_json_object_output_parses(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Give me a JSON object about a cat."}]
+    # Short enough to finish well inside max_tokens: a cut document would prove nothing about the grammar.
+    messages = [{"role": "user", "content": "Give the name and age of a cat called Tom, aged 3, as a short JSON object."}]
     response = client.chat.completions.create(
-        model=MODEL, messages=messages, response_format={"type": "json_object"}, max_tokens=60, seed=2
+        model=MODEL, messages=messages, response_format={"type": "json_object"}, max_tokens=80, temperature=0.0
     )
     choice = response.choices[0]
-    if choice.finish_reason == "stop":
-        assert isinstance(json.loads(choice.message.content or ""), dict)
-    else:  # cut by max_tokens: still a JSON prefix of an object
-        assert (choice.message.content or "").lstrip().startswith("{")
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(json.loads(choice.message.content or ""), dict)
 
 
 @pytest.mark.timeout(600)  # 20 constrained requests: minutes on a busy 2-core machine
@@ -181,29 +181,50 @@ def test_streamed_tool_calls_equal_non_streamed(client: openai.OpenAI) -> None:
     assert finish_reasons[-1] == whole.finish_reason == "tool_calls" and not any(finish_reasons[:-1])
 
 
-def test_tool_round_trip(client: openai.OpenAI) -> None:
+def test_tool_round_trip(client: openai.OpenAI, server: ServerProcess) -> None:
     messages: list = list(ASK)
     first = client.chat.completions.create(
         model=MODEL, messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=64
     )
     message = first.choices[0].message
-    assert message.tool_calls
+    assert message.tool_calls and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    arguments = assert_valid_call(call)
     messages.append(message.model_dump(exclude_none=True))
-    for call in message.tool_calls:
-        result = {"temperature": 18, "unit": "C"} if call.function.name == "get_weather" else {"time": "12:00"}  # type: ignore[union-attr]
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    result = json.dumps({"temperature": 18, "unit": "C"} if call.function.name == "get_weather" else {"time": "12:00"})  # type: ignore[union-attr]
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=30)
-    assert final.choices[0].message.content
-    assert final.choices[0].message.tool_calls is None
+    choice = final.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.content and choice.message.tool_calls is None
+    # The call and its result reached the model: lengthening either lengthens the prompt by at least the added tokens
+    # (less one at each seam, where tokens may merge).
+    padding = " and a light breeze from the west" * 4
+    num_padding_tokens = len(httpx.post(f"{server.base_url}/tokenize", json={"prompt": padding}, timeout=60).json()["tokens"])
+    function = {"name": call.function.name, "arguments": json.dumps({**arguments, "note": padding})}  # type: ignore[union-attr]
+    longer_call = {**messages[1], "tool_calls": [{**messages[1]["tool_calls"][0], "function": function}]}
+    longer_result = {**messages[2], "content": result[:-1] + f', "note": "{padding}"}}'}
+    assert final.usage is not None
+    for history in ([ASK[0], longer_call, messages[2]], [ASK[0], messages[1], longer_result]):
+        grown = _num_prompt_tokens(client, history) - final.usage.prompt_tokens
+        assert grown >= num_padding_tokens - 2, (grown, num_padding_tokens, history)
+
+
+def _num_prompt_tokens(client: openai.OpenAI, messages: list) -> int:
+    response = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=1)
+    assert response.usage is not None
+    return response.usage.prompt_tokens
 
 
 def test_auto_answers_with_text_or_valid_calls(client: openai.OpenAI) -> None:
     for seed in range(3):
         response = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=64, seed=seed)
         choice = response.choices[0]
-        for call in choice.message.tool_calls or []:
-            assert_valid_call(call)
-        assert choice.finish_reason == ("tool_calls" if choice.message.tool_calls else choice.finish_reason)
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls", choice.message
+            for call in choice.message.tool_calls:
+                assert_valid_call(call)
+        else:  # an answer in words, which a tool-call parser must not have swallowed
+            assert choice.finish_reason in ("stop", "length") and choice.message.content, choice.message
 
 
 def test_bad_schema_is_a_400_naming_response_format(client: openai.OpenAI) -> None:

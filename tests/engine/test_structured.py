@@ -188,19 +188,20 @@ def test_recursive_schema_is_served_and_keywords_handled(tiny: LLM) -> None:
                 "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9}, "kids": {"$ref": "#/$defs/kids"}},
                 "required": ["v", "kids"],
             },
-            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 1},  # one kid: trees stay short
         },
         "$ref": "#/$defs/node",
     }
     ipv4 = {"type": "object", "properties": {"ip": {"type": "string", "format": "ipv4"}}, "required": ["ip"]}
     for schema in (tree, ipv4):
-        for result in tiny.generate(PROMPTS[:2], [_sampled(StructuredOutputs(json=json.dumps(schema)), s, 400) for s in (0, 1)]):
-            choice = result.outputs[0]
-            # A random model may nest until max_tokens; whatever finished must be valid.
-            if choice.finish_reason == "stop":
-                jsonschema.validate(_parse(choice.text), schema)
-            else:
-                assert choice.finish_reason == "length"
+        params = [_sampled(StructuredOutputs(json=json.dumps(schema)), seed, 400) for seed in range(len(PROMPTS))]
+        choices = [result.outputs[0] for result in tiny.generate(PROMPTS, params)]
+        # A random model may still nest the tree until max_tokens: every document that finished must be valid, and
+        # most must finish, or nothing was checked.
+        finished = [choice for choice in choices if choice.finish_reason == "stop"]
+        assert len(finished) * 2 > len(choices), [choice.text[-40:] for choice in choices]
+        for choice in finished:
+            jsonschema.validate(_parse(choice.text), schema)
 
 
 def test_repeated_schema_is_compiled_once(tiny: LLM) -> None:

@@ -1,7 +1,8 @@
 """`sirocco serve` with one test-only fault: a request whose stop strings include FAULT_STOP fails inside the engine.
 
 It fails in postprocess after its third generated token, so the engine's per-request failure path runs mid-stream while
-other requests share the step. Only tests start this launcher; nothing in engine/ or gateway/ knows about it.
+other requests share the step; with SIROCCO_ENGINE_PROCESS=true it fails in the engine-core child, which re-imports this
+file. Only tests start this launcher; nothing in engine/ or gateway/ knows about it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _install_fault() -> None:
     llm_engine.LLMEngine._accept_token = accept_token  # type: ignore[method-assign]
 
 
-if __name__ == "__main__":
+if __name__ in ("__main__", "__mp_main__"):  # __mp_main__: the engine-core child re-imports this file (engine process)
     _install_fault()
+if __name__ == "__main__":
     main(sys.argv[1:])

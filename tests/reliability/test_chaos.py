@@ -1,7 +1,9 @@
-"""Chaos against one real server: disconnect storms, slow readers, an engine-side fault, a full queue, SIGTERM under load.
+"""Chaos against real servers: disconnect storms, slow readers, an engine-side fault, a full queue, SIGTERM under load.
 
 After each storm the innocent requests got exactly the text they get alone (temperature 0), /health is 200, nothing
-runs or waits and no KV block is in use. The SIGTERM test ends the module's server, so it comes last.
+runs or waits and no KV block is in use. The cases that cross the engine's boundary (aborts, a request failing inside
+the engine, the drain) run twice: with the step loop on a thread and in its own process (SIROCCO_ENGINE_PROCESS); the
+others test the HTTP side and run once. The SIGTERM test ends the module's servers, so it comes last.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from conftest import (
 )
 from fault_server import FAULT_STOP
 
-from tests.conditions import async_wait_until
+from tests.conditions import async_wait_until, wait_until
+from tests.server import child_pids, is_running
 
 pytestmark = pytest.mark.slow
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are")
@@ -39,16 +42,28 @@ MAX_TOKENS = 12
 DRAIN_TIMEOUT_S = 120.0  # the server exits once drained; this only bounds a drain that never ends
 
 
+SETTINGS = {
+    "SIROCCO_MAX_NUM_SEQS": "16",
+    "SIROCCO_MAX_WAITING_REQUESTS": "24",
+    "SIROCCO_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> Iterator[Server]:
-    yield from start_server(
-        tmp_path_factory,
-        embedded_model_dir,
-        with_faults=True,
-        SIROCCO_MAX_NUM_SEQS="16",
-        SIROCCO_MAX_WAITING_REQUESTS="24",
-        SIROCCO_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),
-    )
+    yield from start_server(tmp_path_factory, embedded_model_dir, with_faults=True, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def process_server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: pathlib.Path) -> Iterator[Server]:
+    """The same server with the engine's step loop in its own process."""
+    yield from start_server(tmp_path_factory, embedded_model_dir, with_faults=True, SIROCCO_ENGINE_PROCESS="true", **SETTINGS)
+
+
+@pytest.fixture(params=["server", "process_server"], ids=["engine_thread", "engine_process"])
+def either_server(request: pytest.FixtureRequest) -> Server:
+    """For the cases that cross the engine's boundary: each runs against both servers."""
+    return request.getfixturevalue(request.param)
 
 
 def _greedy(prompt: str, **extra: object) -> dict[str, object]:
@@ -57,7 +72,7 @@ def _greedy(prompt: str, **extra: object) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def references(server: Server) -> dict[str, str]:
-    """Each prompt's greedy text, run alone."""
+    """Each prompt's greedy text, run alone (the engine process must give the same)."""
     texts = {}
     for prompt in PROMPTS:
         response = httpx.post(f"{server.base_url}/v1/completions", json=_greedy(prompt), timeout=60)
@@ -139,7 +154,8 @@ async def _abandon(kind: str, rng: random.Random, server: Server, client: httpx.
 KINDS = ("before_first_token", "during_prefill", "mid_body", "mid_stream", "non_stream_timeout")
 
 
-def test_disconnect_storm_leaves_others_served_and_nothing_held(server: Server, references: dict[str, str]) -> None:
+def test_disconnect_storm_leaves_others_served_and_nothing_held(either_server: Server, references: dict[str, str]) -> None:
+    server = either_server
     log_start = len(server.log())
     rng = random.Random(7)
 
@@ -184,7 +200,8 @@ def test_slow_readers_that_never_drain_do_not_hold_the_engine(server: Server, re
     assert_clean_log(server, log_start)
 
 
-def test_engine_fault_fails_only_its_own_request(server: Server, references: dict[str, str]) -> None:
+def test_engine_fault_fails_only_its_own_request(either_server: Server, references: dict[str, str]) -> None:
+    server = either_server
     faulty = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 12, "ignore_eos": True, "stop": [FAULT_STOP]}
 
     async def run() -> tuple[list[str], httpx.Response, BaseException | None]:
@@ -259,8 +276,9 @@ def test_full_queue_answers_429_then_recovers(server: Server, references: dict[s
     assert_clean_log(server, log_start)
 
 
-def test_sigterm_under_load_finishes_streams_refuses_new_and_exits(server: Server) -> None:
-    """Runs last: it ends the module's server."""
+def test_sigterm_under_load_finishes_streams_refuses_new_and_exits(either_server: Server) -> None:
+    """Runs last: it ends the module's servers."""
+    server = either_server
     streamed = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "stream": True}
     streamed["stream_options"] = {"include_usage": True}
 
@@ -279,6 +297,7 @@ def test_sigterm_under_load_finishes_streams_refuses_new_and_exits(server: Serve
 
             tasks = [asyncio.ensure_future(stream(i)) for i in range(6)]
             await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 120)
+            children.update(child_pids(server.process.pid))
             server.process.send_signal(signal.SIGTERM)
             signalled_s = time.monotonic()
             await async_wait_until(lambda: server.is_draining(), "the server to start draining after SIGTERM")
@@ -288,6 +307,7 @@ def test_sigterm_under_load_finishes_streams_refuses_new_and_exits(server: Serve
             await asyncio.to_thread(server.process.wait, DRAIN_TIMEOUT_S + 30)
             return results, refused, health, time.monotonic() - signalled_s
 
+    children: set[int] = set()  # the engine-core process and multiprocessing's helper, in engine-process mode
     results, refused, health, exit_after_s = asyncio.run(run())
     assert refused.status_code == 503 and assert_error_envelope(refused)["code"] == "draining"
     assert health.status_code == 503
@@ -298,3 +318,4 @@ def test_sigterm_under_load_finishes_streams_refuses_new_and_exits(server: Serve
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert server.process.returncode == 0
     assert exit_after_s < DRAIN_TIMEOUT_S
+    wait_until(lambda: not any(is_running(pid) for pid in children), "the server's child processes to exit", DRAIN_TIMEOUT_S)
