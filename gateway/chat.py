@@ -78,7 +78,7 @@ async def create_chat_completion(request: Request) -> Response:
     keeps_special = tool_format is MISTRAL and info.has_tool_calls_token  # [TOOL_CALLS] is a special token there
     requests = await submit(state, response_id, body, [chat_prompt.prompt], constraint, skip_special_tokens=not keeps_special)
     fingerprint = state.system_fingerprint(state.require_engine())
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs, fingerprint, tool_format)
+    reply = _Reply(response_id, int(time.time()), body.model, body.logprobs, fingerprint, tool_format)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.n, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))
