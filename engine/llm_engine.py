@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -493,7 +494,16 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
+            max_loras=self.config.max_loras if self.lora_registry is not None else 0,
+            running_lora_adapters=self._lora_names_of(self.scheduler.running),
+            waiting_lora_adapters=self._lora_names_of(self.scheduler.waiting),
         )
+
+    def _lora_names_of(self, seqs: Iterable[Sequence]) -> tuple[str, ...]:
+        if self.lora_registry is None:
+            return ()
+        names = {lora_id: name for name, lora_id in self.lora_registry.ids.items()}
+        return tuple(sorted({names[s.lora_id] for s in seqs if s.lora_id in names}))
 
 
 def _blocks_look_ahead(params: SamplingParams) -> bool:

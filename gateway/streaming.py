@@ -157,6 +157,8 @@ async def submit(
     structured = constraint.outputs if constraint is not None else None
     params = body.sampling_params(settings.max_tokens_limit, structured, skip_special_tokens)
     params.lora = adapter
+    if adapter is not None:
+        state.metrics.lora_requests.labels(adapter).inc()
     requests = EngineRequests(state.require_engine(), state.metrics, request_id, prompts, params)
     try:
         await requests.start()

@@ -93,3 +93,14 @@ def test_adapters_serve_list_load_and_unload(
     again = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "legal"}, timeout=30)
     assert again.status_code == 404 and "`support`" in again.json()["error"]["message"]
     assert complete(client, "support") == expected
+
+
+def test_lora_metrics_name_the_running_adapters(server: ServerProcess, client: openai.OpenAI) -> None:
+    stream = client.completions.create(model="support", prompt=PROMPT, max_tokens=200, temperature=0.0, stream=True)
+    with stream:
+        next(iter(stream))  # the request is running now
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    for name in ("vllm:lora_requests_info", "sirocco_lora_requests_info"):
+        line = next(line for line in text.splitlines() if line.startswith(name + "{"))
+        assert 'max_lora="2"' in line and 'running_lora_adapters="support"' in line, line
+    assert server.metric('sirocco_lora_requests_total{lora_name="support"}') >= 1
