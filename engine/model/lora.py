@@ -46,19 +46,20 @@ class LoraLinear(nn.Module):
         width = len(part_sizes) * max_rank  # one max_rank block of A rows per fused part
         in_features, out_features = base.in_features, sum(part_sizes)
         kwargs = {"device": like.device, "dtype": like.dtype}
-        self.lora_a = torch.zeros(in_features, num_slots, width, **kwargs)  # [in, num_slots, parts * max_rank]: A^T
+        # Each slot's block is contiguous, so loading an adapter writes whole rows
+        self.lora_a = torch.zeros(num_slots, width, in_features, **kwargs)  # [num_slots, parts * max_rank, in]: A
         self.lora_b = torch.zeros(num_slots, width, out_features, **kwargs)  # [num_slots, parts * max_rank, out]: B^T
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Write one adapter into `slot`: per fused part (A [r, in], B [out_part, r]) or None (not adapted)."""
-        self.lora_a[:, slot].zero_()
+        self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         row = 0
         for index, (part, size) in enumerate(zip(parts, self.part_sizes, strict=True)):
             if part is not None:
                 a, b = part
                 rank, start = a.shape[0], index * self.max_rank
-                self.lora_a[:, slot, start : start + rank].copy_(a.t())
+                self.lora_a[slot, start : start + rank].copy_(a)
                 self.lora_b[slot, start : start + rank, row : row + size].copy_(b.t())
             row += size
 
@@ -68,7 +69,7 @@ class LoraLinear(nn.Module):
         if lora is None:  # a step without adapter rows
             return out
         num_tokens, num_slots, width = x.shape[0], self.lora_b.shape[0], self.lora_b.shape[1]
-        shrink = x @ self.lora_a.view(-1, num_slots * width)  # [num_tokens, num_slots * width]
+        shrink = nn.functional.linear(x, self.lora_a.view(num_slots * width, -1))  # [num_tokens, num_slots * width]
         shrink = shrink.view(num_tokens, num_slots, width).mul_(lora.mask.unsqueeze(-1))  # other slots' columns: 0
         update = shrink.view(num_tokens, -1) @ self.lora_b.view(num_slots * width, -1)  # [num_tokens, out]
         return out.add_(update)
