@@ -71,7 +71,7 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
     partition = Partition(spec.rank, spec.world_size)
     partition.check(spec.model_config)
     model = load_model(Path(spec.model_dir), spec.model_config, device, spec.dtype, partition)
-    lora_layers = attach_lora(model, spec.max_loras + 1, spec.max_lora_rank) if spec.max_loras else None
+    lora_layers = attach_lora(model, spec.max_loras, spec.max_lora_rank) if spec.max_loras else None
     num_kv_heads = partition.num_kv_heads(spec.model_config)
     if not isinstance(num_blocks, int):
         num_blocks = num_blocks(model, num_kv_heads)

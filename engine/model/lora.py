@@ -2,7 +2,7 @@
 
 Every adapted projection (qkv_proj, o_proj, gate_up_proj, down_proj) is wrapped in a LoraLinear that keeps its base
 layer as it is (float or any other weight format) and adds, for each token row, the update of the adapter in that
-row's slot: out = base(x) + B_slot A_slot x. Slot 0 is all zeros (the base model).
+row's slot: out = base(x) + B_slot A_slot x. Slot 0 is the base model: it holds no matrices and its rows' mask is 0.
 
 The update is computed for the whole batch at once, never looping over adapters: x times the A matrices of every slot
 side by side ([num_tokens, num_slots * parts * max_rank], "shrink"), masked to each row's own slot by the step's
@@ -31,13 +31,13 @@ FUSED_PARTS = {
 class LoraBatch:
     """One step's adapter rows, built by the model runner (input_batch.py) and passed in the attention metadata."""
 
-    mask: torch.Tensor  # [num_tokens, num_slots] in the model's dtype: 1 at each token row's slot, else 0
+    mask: torch.Tensor  # [num_tokens, max_loras] in the model's dtype: 1 at each row's slot 1..max_loras, else 0
 
 
 class LoraLinear(nn.Module):
-    """A base linear layer plus num_slots adapter slots (slot 0 stays zero)."""
+    """A base linear layer plus adapter slots 1..max_loras (stored at index slot - 1)."""
 
-    def __init__(self, base: nn.Module, part_sizes: list[int], num_slots: int, max_rank: int, like: torch.Tensor) -> None:
+    def __init__(self, base: nn.Module, part_sizes: list[int], max_loras: int, max_rank: int, like: torch.Tensor) -> None:
         """`like`: a tensor of the model's activation dtype and device (the embedding matrix)."""
         super().__init__()
         self.base = base  # any linear layer with in_features (float or another weight format)
@@ -47,20 +47,21 @@ class LoraLinear(nn.Module):
         in_features, out_features = base.in_features, sum(part_sizes)
         kwargs = {"device": like.device, "dtype": like.dtype}
         # Each slot's block is contiguous, so loading an adapter writes whole rows
-        self.lora_a = torch.zeros(num_slots, width, in_features, **kwargs)  # [num_slots, parts * max_rank, in]: A
-        self.lora_b = torch.zeros(num_slots, width, out_features, **kwargs)  # [num_slots, parts * max_rank, out]: B^T
+        self.lora_a = torch.zeros(max_loras, width, in_features, **kwargs)  # [max_loras, parts * max_rank, in]: A
+        self.lora_b = torch.zeros(max_loras, width, out_features, **kwargs)  # [max_loras, parts * max_rank, out]: B^T
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        """Write one adapter into `slot`: per fused part (A [r, in], B [out_part, r]) or None (not adapted)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Write one adapter into `slot` (1..max_loras): per fused part (A [r, in], B [out_part, r]) or None."""
+        index = slot - 1
+        self.lora_a[index].zero_()
+        self.lora_b[index].zero_()
         row = 0
-        for index, (part, size) in enumerate(zip(parts, self.part_sizes, strict=True)):
+        for part_index, (part, size) in enumerate(zip(parts, self.part_sizes, strict=True)):
             if part is not None:
                 a, b = part
-                rank, start = a.shape[0], index * self.max_rank
-                self.lora_a[slot, start : start + rank].copy_(a)
-                self.lora_b[slot, start : start + rank, row : row + size].copy_(b.t())
+                rank, start = a.shape[0], part_index * self.max_rank
+                self.lora_a[index, start : start + rank].copy_(a)
+                self.lora_b[index, start : start + rank, row : row + size].copy_(b.t())
             row += size
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
@@ -80,7 +81,7 @@ def project(layer: nn.Module, x: torch.Tensor, lora: LoraBatch | None) -> torch.
     return layer(x) if lora is None else layer(x, lora)
 
 
-def attach_lora(model: nn.Module, num_slots: int, max_rank: int) -> list[dict[str, LoraLinear]]:
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> list[dict[str, LoraLinear]]:
     """Wrap every decoder layer's projections in LoraLinear -> per layer, our module name -> its LoraLinear."""
     wrapped, like = [], model.model.embed_tokens.weight
     for layer in model.model.layers:
@@ -93,7 +94,7 @@ def attach_lora(model: nn.Module, num_slots: int, max_rank: int) -> list[dict[st
         owners = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn, "gate_up_proj": layer.mlp, "down_proj": layer.mlp}
         modules = {}
         for name, owner in owners.items():
-            modules[name] = LoraLinear(getattr(owner, name), sizes[name], num_slots, max_rank, like)
+            modules[name] = LoraLinear(getattr(owner, name), sizes[name], max_loras, max_rank, like)
             setattr(owner, name, modules[name])
         wrapped.append(modules)
     return wrapped
