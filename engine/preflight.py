@@ -12,11 +12,13 @@ import torch
 from engine.config import ConfigError, EngineConfig
 from engine.embedded import EMBEDDED_MODEL_NAME, cache_root, find_gguf_dir, is_complete
 from engine.loader import ModelLoadError, check_max_model_len, read_model_config
+from engine.lora import LoraError, parse_lora_modules, read_adapter_config
 
 
 def check_config(config: EngineConfig) -> None:
     """Raise ConfigError for a device this machine lacks, a local model path that holds no model, or a context too long."""
     check_device(config.device)
+    check_lora_modules(config)
     model_dir = _local_model_dir(config)
     if model_dir is None:
         return  # a Hub repo: its config.json arrives with the download, and LLMEngine checks it before the weights
@@ -25,6 +27,17 @@ def check_config(config: EngineConfig) -> None:
     except (ModelLoadError, ValueError, KeyError) as exc:
         raise ConfigError("model", f"model {str(model_dir)!r} cannot be served: {exc}") from exc
     check_max_model_len(config, model_config)
+
+
+def check_lora_modules(config: EngineConfig) -> None:
+    """Each adapter of lora_modules well formed, and each local one's adapter_config.json supported (its tensors are
+    checked against the model when the engine loads)."""
+    try:
+        for path in parse_lora_modules(config.lora_modules).values():
+            if Path(path).expanduser().is_dir() or path.startswith((".", "/", "~")):
+                read_adapter_config(Path(path).expanduser(), config.max_lora_rank)
+    except LoraError as exc:
+        raise ConfigError("lora_modules", str(exc)) from exc
 
 
 def check_device(device: str | None) -> None:
