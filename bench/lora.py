@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bench.common import describe_device, emit, set_threads, versions
+from bench.common import describe_device, emit, versions
 from engine import LLM, SamplingParams
 from engine.embedded import embedded_model_dir
 from engine.lora import TARGETS, module_shapes
@@ -94,15 +95,14 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="Sirocco's cache holding the converted embedded model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    threads = set_threads()
     model = args.model or str(embedded_model_dir(cache_dir=args.cache_dir))
     with tempfile.TemporaryDirectory(prefix="sirocco-lora-bench-") as tmp:
-        base = LLM(model=model, num_threads=threads)
+        base = LLM(model=model)  # the engine's default torch threads (usable CPUs less one)
         config = base.engine.model_config
         names = [f"adapter{i}" for i in range(NUM_ADAPTERS)]
         dirs = [write_random_adapter(Path(tmp) / name, config, args.rank, args.seed + i) for i, name in enumerate(names)]
         modules = ",".join(f"{name}={path}" for name, path in zip(names, dirs, strict=True))
-        lora = LLM(model=model, num_threads=threads, lora_modules=modules, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank)
+        lora = LLM(model=model, lora_modules=modules, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank)
         prompts = make_workload(args.requests, config.vocab_size, args.seed)
         mixed = [names[i % NUM_ADAPTERS] for i in range(args.requests)]
         for llm, adapters in ((base, [None]), (lora, names)):  # warm-up: one short request per adapter
@@ -130,13 +130,12 @@ def main() -> None:
                 "base_tok_per_s": round(runs["base"], 1),
                 "mixed_4_adapters_tok_per_s": round(runs["mixed"], 1),
                 "ratio": round(runs["mixed"] / runs["base"], 3),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
                 **common,
             }
             emit(record, args.out)
-        emit(
-            {"bench": "lora-cold-load", "median_ms": round(cold_load_ms(lora, names[0], args.load_repeats), 2), **common},
-            args.out,
-        )
+        median_ms = round(cold_load_ms(lora, names[0], args.load_repeats), 2)
+        emit({"bench": "lora-cold-load", "median_ms": median_ms, "load_avg_1m": round(os.getloadavg()[0], 2), **common}, args.out)
 
 
 if __name__ == "__main__":

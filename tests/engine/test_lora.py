@@ -75,9 +75,15 @@ def test_mistral_greedy_through_an_adapter_equals_peft(
 
 def test_llama_greedy_through_adapters_equals_peft(tiny_llama_dir: pathlib.Path, llama_adapters: dict[str, pathlib.Path]) -> None:
     llm = LLM(model=str(tiny_llama_dir), lora_modules=modules(llama_adapters), max_loras=1)  # one slot: they take turns
+    blocks = llm.engine.block_manager
     for name, adapter_dir in llama_adapters.items():  # the same prompt twice: the second must not reuse the first's K/V
+        hits = blocks.prefix_cache_hits
         assert tokens(llm, PROMPT, lora(name)) == peft_greedy(tiny_llama_dir, adapter_dir, PROMPT, GREEDY.max_tokens), name
+        assert blocks.prefix_cache_hits == hits, "an adapter reused another adapter's cached blocks"
     assert tokens(llm, PROMPT, GREEDY) == peft_greedy(tiny_llama_dir, None, PROMPT, GREEDY.max_tokens)
+    hits = blocks.prefix_cache_hits
+    assert tokens(llm, PROMPT, lora("all16")) == tokens(llm, [*PROMPT], lora("all16"))
+    assert blocks.prefix_cache_hits > hits  # the same adapter does reuse its own blocks
 
 
 def test_a_batch_mixing_base_and_three_adapters_gives_each_what_it_gets_alone(
