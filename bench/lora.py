@@ -7,7 +7,8 @@ Four random rank-`--rank` adapters on every projection (q, k, v, o, gate, up, do
 temporary directory. Workload: `--requests` concurrent requests (random-token prompts of 32..128 tokens, `--max-tokens`
 output tokens each, greedy, EOS ignored), submitted at once. Per round, in alternating order: the base model alone on
 an engine without LoRA, and the same workload with the adapters mixed uniformly (request i runs adapter i mod 4) on an
-engine with max_loras=4. `ratio` is mixed tok/s over base tok/s for that round. Cold load: the median time to write one
+engine with max_loras=4, after one untimed pass of each (2 output tokens). `ratio` is mixed tok/s over base tok/s
+for that round; the summary line has the median over rounds. Cold load: the median time to write one
 adapter from host memory into a device slot (every LoRA layer), over `--load-repeats` loads.
 """
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load-repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="Sirocco's cache holding the converted embedded model")
@@ -97,16 +98,20 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or str(embedded_model_dir(cache_dir=args.cache_dir))
     with tempfile.TemporaryDirectory(prefix="sirocco-lora-bench-") as tmp:
-        base = LLM(model=model)  # the engine's default torch threads (usable CPUs less one)
+        # The engine's default torch threads (usable CPUs less one); no prefix cache, so every round computes its prompts
+        base = LLM(model=model, enable_prefix_caching=False)
         config = base.engine.model_config
         names = [f"adapter{i}" for i in range(NUM_ADAPTERS)]
         dirs = [write_random_adapter(Path(tmp) / name, config, args.rank, args.seed + i) for i, name in enumerate(names)]
         modules = ",".join(f"{name}={path}" for name, path in zip(names, dirs, strict=True))
-        lora = LLM(model=model, lora_modules=modules, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank)
+        lora = LLM(
+            model=model, enable_prefix_caching=False, lora_modules=modules, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank
+        )
         prompts = make_workload(args.requests, config.vocab_size, args.seed)
         mixed = [names[i % NUM_ADAPTERS] for i in range(args.requests)]
-        for llm, adapters in ((base, [None]), (lora, names)):  # warm-up: one short request per adapter
-            timed_generate(llm, [prompts[0][:16]] * len(adapters), adapters, 4)
+        # Warm-up: the whole workload's prompts with 2 output tokens each (the first run of a shape is slow)
+        timed_generate(base, prompts, [None] * args.requests, 2)
+        timed_generate(lora, prompts, mixed, 2)
         common: dict[str, Any] = {
             "model": model,
             "requests": args.requests,
@@ -115,6 +120,7 @@ def main() -> None:
             "device": describe_device(base.engine.device),
             **versions(),
         }
+        ratios = []
         for round_index in range(args.rounds):
             runs = {}
             order = ("base", "mixed") if round_index % 2 == 0 else ("mixed", "base")
@@ -134,6 +140,9 @@ def main() -> None:
                 **common,
             }
             emit(record, args.out)
+            ratios.append(record["ratio"])
+        summary = {"bench": "lora-throughput-summary", "median_ratio": statistics.median(ratios), "ratios": ratios, **common}
+        emit(summary, args.out)
         median_ms = round(cold_load_ms(lora, names[0], args.load_repeats), 2)
         emit({"bench": "lora-cold-load", "median_ms": median_ms, "load_avg_1m": round(os.getloadavg()[0], 2), **common}, args.out)
 
