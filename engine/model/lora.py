@@ -9,6 +9,7 @@ side by side ([num_tokens, num_slots * parts * max_rank], "shrink"), masked to e
 one-hot slot mask, times the B matrices of every slot stacked ("expand"). A fused projection (q|k|v, gate|up) keeps
 one A per part and a block-diagonal B, so its update equals PEFT's separate updates of each part exactly. Ranks below
 max_rank are padded with zeros. A base-model row's update is an exact zero, so its output is the base model's.
+On CUDA two gathered Triton kernels (triton_lora.py) replace the masked products: each row reads only its own slot.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LoraBatch:
     """One step's adapter rows, built by the model runner (input_batch.py) and passed in the attention metadata."""
 
     mask: torch.Tensor  # [num_tokens, max_loras] in the model's dtype: 1 at each row's slot 1..max_loras, else 0
+    slots: torch.Tensor  # [num_tokens] int64, each row's slot (0: no adapter), for the CUDA kernels
 
 
 class LoraLinear(nn.Module):
@@ -69,6 +71,10 @@ class LoraLinear(nn.Module):
         out = self.base(x)
         if lora is None:  # a step without adapter rows
             return out
+        if out.is_cuda:  # GPU-only: each row reads only its own slot's matrices (triton_lora.py)
+            from engine.model import triton_lora  # Triton comes with CUDA builds of torch; CPU installs need not have it
+
+            return triton_lora.add_lora(out, x, self.lora_a, self.lora_b, lora.slots)
         num_tokens, num_slots, width = x.shape[0], self.lora_b.shape[0], self.lora_b.shape[1]
         shrink = nn.functional.linear(x, self.lora_a.view(num_slots * width, -1))  # [num_tokens, num_slots * width]
         shrink = shrink.view(num_tokens, num_slots, width).mul_(lora.mask.unsqueeze(-1))  # other slots' columns: 0
