@@ -3,9 +3,12 @@ is served, and the runtime load/unload endpoints (off by default) with their err
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-from conftest import MODEL, ClientFactory
+from conftest import MODEL
 from fake_engine import FakeEngine
+from starlette.testclient import TestClient
 
 from engine import LoraClient, LoraError
 
@@ -31,7 +34,7 @@ def engine() -> LoraFakeEngine:
     return LoraFakeEngine()
 
 
-def test_adapters_are_models_with_a_parent(make_client: ClientFactory, engine: LoraFakeEngine) -> None:
+def test_adapters_are_models_with_a_parent(make_client: Callable[..., TestClient], engine: LoraFakeEngine) -> None:
     assert isinstance(engine, LoraClient)
     client = make_client()
     models = client.get("/v1/models").json()["data"]
@@ -46,12 +49,12 @@ def test_adapters_are_models_with_a_parent(make_client: ClientFactory, engine: L
     assert missing.status_code == 404 and f"`{MODEL}`, `support`" in missing.json()["error"]["message"]
 
 
-def test_runtime_updates_are_off_by_default(make_client: ClientFactory) -> None:
+def test_runtime_updates_are_off_by_default(make_client: Callable[..., TestClient]) -> None:
     response = make_client().post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"})
     assert response.status_code == 404 and "SIROCCO_ENABLE_LORA_RUNTIME_UPDATES" in response.json()["error"]["message"]
 
 
-def test_load_and_unload(make_client: ClientFactory) -> None:
+def test_load_and_unload(make_client: Callable[..., TestClient]) -> None:
     client = make_client(enable_lora_runtime_updates=True)
     loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "legal", "lora_path": "/adapters/legal"})
     assert loaded.status_code == 200 and "legal" in loaded.text
