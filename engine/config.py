@@ -24,13 +24,18 @@ def setting(default: Any, description: str, **bounds: float) -> Any:
 class EngineConfig:
     """Every field is a setting (gateway/settings.py derives its engine part from these); __post_init__ checks them."""
 
-    model: str | None = setting(None, "Local directory or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct")
+    model: str | None = setting(
+        None, "Local directory, .gguf file or Hugging Face repo id; unset: the embedded SmolLM2-135M-Instruct"
+    )
+    gguf_file: str | None = setting(
+        None, "GGUF file to serve from the model's folder or Hub repo; unset: its only one, if it has no safetensors"
+    )
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of the model")
     hf_token: str | None = setting(None, "Hugging Face token for gated or private repos (also read from HF_TOKEN)")
     download_dir: str | None = setting(
         None, "Hugging Face cache directory for downloads; unset: huggingface_hub's default (HF_HOME)"
     )
-    cache_dir: str | None = setting(None, "Sirocco's cache (the converted embedded model); unset: ~/.cache/sirocco")
+    cache_dir: str | None = setting(None, "Sirocco's cache (GGUF model directories, compiled kernels); unset: ~/.cache/sirocco")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "Weight dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )
@@ -70,6 +75,12 @@ class EngineConfig:
     async_scheduling: bool = setting(
         False, "Launch each step before the previous one is read back (look-ahead scheduling; implies async_output)"
     )
+    # Weight-only quantization of a safetensors model's projections and lm_head at load (engine/model/quant_linear.py):
+    # int8 symmetric or int4 asymmetric, one scale (and zero) per quantization_group_size weights along the input.
+    quantization: Literal["int8", "int4"] | None = setting(
+        None, "Quantize a safetensors model's linear layers and lm_head at load (int8 or int4); unset: float weights"
+    )
+    quantization_group_size: int = setting(32, "Weights sharing one quantization scale (a multiple of 32)", ge=32)
 
     # LoRA (engine/lora.py): on when lora_modules names an adapter or runtime updates are allowed.
     lora_modules: str | None = setting(
@@ -110,6 +121,14 @@ class EngineConfig:
         if self.async_scheduling and self.async_output is False:
             message = "async_scheduling needs async_output (a step's outputs come after the next step is launched)"
             raise ConfigError("async_scheduling", message)
+        if self.quantization not in (None, "int8", "int4"):
+            raise ConfigError("quantization", f"quantization must be int8, int4 or unset (got {self.quantization!r})")
+        if self.quantization_group_size < 32 or self.quantization_group_size % 32:
+            message = f"quantization_group_size must be a positive multiple of 32 (got {self.quantization_group_size})"
+            raise ConfigError("quantization_group_size", message)
+        if self.quantization is not None and self.tensor_parallel_size > 1:
+            message = "quantization with tensor_parallel_size > 1 is not supported yet: use one or the other"
+            raise ConfigError("quantization", message)
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and value < 1:

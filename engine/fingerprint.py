@@ -37,4 +37,6 @@ def engine_fingerprint(
         "seed": config.seed,
         "sirocco": _sirocco_version(),
     }
+    if config.quantization is not None:  # only then, so float setups keep their fingerprints
+        facts["quantization"] = f"{config.quantization}-g{config.quantization_group_size}"
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,15 +1,18 @@
-"""Find a checkpoint (local folder, Hub repo id, or the embedded model), read config.json, load safetensors into the model.
+"""Find a checkpoint (local folder, GGUF file, Hub repo id, or the embedded model), read config.json, load its weights.
 
-Weights are only ever read from safetensors: folders with pickle files alone are refused, never unpickled.
+Weights are only ever read from safetensors or GGUF: folders with pickle files alone are refused, never unpickled.
 The model is built on the meta device and each tensor goes from the file straight to its place on the target device.
 A tensor-parallel rank reads only its own slice of each split tensor (safe_open's get_slice), never the whole tensor.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,15 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, EngineConfig
+from engine.gguf_checkpoint import GGUFSelectionError, find_gguf_file, gguf_cache_root, gguf_model_dir, pick_gguf_file
+from engine.gguf_file import GGUFError
+from engine.gguf_layers import TensorReader, gguf_tensors, install_quantized
 from engine.model.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from engine.model.mistral import PACKED_MODULES, MistralForCausalLM
 from engine.model.parallel import WHOLE, Partition
+from engine.model.quant import QuantizedWeight
+from engine.model.quant_kernels import load_quant_kernel
+from engine.model.quant_linear import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +44,35 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
-    """The local folder holding the checkpoint: the embedded model, a local directory, or a Hub snapshot."""
+    """The local folder holding the checkpoint: the embedded model, a local directory, a GGUF file, or a Hub snapshot.
+    A GGUF file (named by config.gguf_file, or the only one in a folder without safetensors) is served through the
+    model directory gguf_checkpoint.py writes for it in Sirocco's cache."""
     if config.model is None:
         from engine.embedded import embedded_model_dir
 
-        return embedded_model_dir(config.cache_dir)
+        return _or_error(lambda: embedded_model_dir(config.cache_dir))
     path = Path(config.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _or_error(lambda: gguf_model_dir(path, config.cache_dir))
     if path.is_dir():
-        return path
+        return _or_error(lambda: _serve_from(path, config))
     if path.exists() or config.model.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model path {config.model!r} is not a directory")
-    return _download(config)
+        raise ModelLoadError(f"model path {config.model!r} is neither a directory nor a .gguf file")
+    folder = _download(config)
+    return _or_error(lambda: _serve_from(folder, config))
+
+
+def _serve_from(folder: Path, config: EngineConfig) -> Path:
+    """`folder` itself, or the model directory of the GGUF file chosen in it."""
+    gguf_path = pick_gguf_file(folder, config.gguf_file)
+    return folder if gguf_path is None else gguf_model_dir(gguf_path, config.cache_dir)
+
+
+def _or_error(resolve: Callable[[], Path]) -> Path:
+    try:
+        return resolve()
+    except (GGUFError, GGUFSelectionError) as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _download(config: EngineConfig) -> Path:
@@ -60,7 +87,7 @@ def _download(config: EngineConfig) -> Path:
             revision=config.revision,
             token=config.hf_token,
             cache_dir=config.download_dir,
-            allow_patterns=_HUB_PATTERNS,
+            allow_patterns=_hub_patterns(config),
             ignore_patterns=_HUB_IGNORE,
         )
     except GatedRepoError as exc:
@@ -80,6 +107,13 @@ def _download(config: EngineConfig) -> Path:
     except OSError as exc:  # network errors, a full disk, an unwritable cache
         raise ModelLoadError(f"could not download {config.model!r}: {exc}") from exc
     return Path(folder)
+
+
+def _hub_patterns(config: EngineConfig) -> list[str]:
+    """What to download: safetensors and their metadata, or with gguf_file that one file instead of any safetensors."""
+    if config.gguf_file is None:
+        return _HUB_PATTERNS
+    return [p for p in _HUB_PATTERNS if p != "*.safetensors"] + [config.gguf_file]
 
 
 def check_max_model_len(config: EngineConfig, model_config: ModelConfig) -> None:
@@ -132,11 +166,18 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(
-    model_dir: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, partition: Partition = WHOLE
+    model_dir: Path,
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    partition: Partition = WHOLE,
+    quantization: Quantization | None = None,
 ) -> MistralForCausalLM:
-    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices)."""
+    """Build on the meta device, then fill every parameter from safetensors on `device` in `dtype` (this rank's slices);
+    with `quantization`, the projections and lm_head are then quantized (the float copies freed as they are replaced)."""
     start = time.perf_counter()
-    files = _safetensors_files(model_dir)
+    gguf_path = find_gguf_file(model_dir)
+    files = [] if gguf_path is not None else _safetensors_files(model_dir)
     with torch.device("meta"):
         model = MistralForCausalLM(model_config, partition)
     model = model.to(dtype).to_empty(device=device)
@@ -144,31 +185,93 @@ def load_model(
     expected = _checkpoint_names(params)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name not in expected:
-                    if not (name == "lm_head.weight" and model.lm_head is None) and "rotary_emb" not in name:
-                        unexpected.append(name)
-                    continue
-                target, rows = _target(model, name)
-                tensor = _read_tensor(f, name, partition.shard(name, model_config))
-                dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
-                if dest.shape != tensor.shape:
-                    raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
-                dest.copy_(tensor)
-                seen.add(name)
+    if gguf_path is not None and quantization is not None:
+        raise ConfigError("quantization", "a GGUF file is served at its own precision: leave quantization unset")
+    quantized: dict[str, QuantizedWeight] = {}  # a GGUF file's int4/int8 weights, kept as they are (one rank only)
+    if gguf_path is not None:
+        tensors = _gguf_readers(gguf_path, model_config, quantized if partition.world_size == 1 else None)
+    else:
+        tensors = _safetensors_tensors(files, device)
+    for name, read in tensors:
+        if name not in expected:
+            if not (name == "lm_head.weight" and model.lm_head is None) and "rotary_emb" not in name:
+                unexpected.append(name)
+            continue
+        target, rows = _target(model, name)
+        tensor = read(partition.shard(name, model_config))
+        if tensor is None:  # goes into a quantized layer as it is, after this loop
+            seen.add(name)
+            continue
+        dest = params[target].data if rows is None else params[target].data[rows[0] : rows[1]]
+        if dest.shape != tensor.shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        seen.add(name)
     missing = sorted(expected - seen)
     if missing or unexpected:
         raise ModelLoadError(
             f"checkpoint does not match the model; missing tensors: {missing or 'none'}; unexpected: {unexpected or 'none'}"
         )
     model.model.rotary_emb.build(device, dtype)
+    if quantization is not None:
+        quantize(model, quantization, device, dtype)
+    if quantized:
+        install_quantized(model, quantized, gguf_cache_root(model_dir), device, dtype)
     if partition.rank == 0:  # only rank 0 computes logits
         model.pack_cpu_logits()
     model.eval().requires_grad_(False)
-    logger.info("loaded %s in %.1fs (%s, %s)", model_dir, time.perf_counter() - start, device, dtype)
+    logger.info("loaded %s in %.1fs (%s, %s)", gguf_path or model_dir, time.perf_counter() - start, device, dtype)
     return model
+
+
+def _gguf_readers(
+    gguf_path: Path, model_config: ModelConfig, quantized: dict[str, QuantizedWeight] | None
+) -> Iterator[tuple[str, TensorReader]]:
+    """gguf_layers.gguf_tensors, with a damaged file's error as a ModelLoadError."""
+    try:
+        yield from gguf_tensors(gguf_path, model_config, quantized)
+    except GGUFError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def _safetensors_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, TensorReader]]:
+    """Each tensor's name and reader; a tensor is only read if the loader asks (safe_open stays open meanwhile)."""
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, functools.partial(_read_tensor, f, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    """EngineConfig's quantization settings, and where the CPU kernel is built."""
+
+    method: str  # "int8" | "int4"
+    group_size: int
+    kernel_dir: Path  # the C kernel's build cache (CPU fp32 only)
+
+
+def quantization_of(config: EngineConfig, kernel_dir: Path) -> Quantization | None:
+    return None if config.quantization is None else Quantization(config.quantization, config.quantization_group_size, kernel_dir)
+
+
+def quantize(model: MistralForCausalLM, quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize a loaded float model in place; the group size must divide every projection's input size."""
+    c = model.config
+    in_sizes = {c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size // model.partition.world_size}
+    if any(size % quantization.group_size for size in in_sizes):
+        raise ConfigError(
+            "quantization_group_size",
+            f"quantization_group_size {quantization.group_size} must divide the model's layer input sizes "
+            f"({', '.join(map(str, sorted(in_sizes)))}); try 32",
+        )
+    start = time.perf_counter()
+    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    kernel = load_quant_kernel(quantization.kernel_dir) if is_cpu_fp32 else None
+    quantize_model(model, quantization.method, quantization.group_size, kernel)
+    path = "C kernel" if kernel is not None else "PyTorch dequantize + matmul"
+    logger.info("quantized to %s (group %d, %s) in %.1fs", quantization.method, quantization.group_size, path,
+                time.perf_counter() - start)  # fmt: skip
 
 
 def _read_tensor(f: Any, name: str, shard: tuple[int, int, int] | None) -> torch.Tensor:

@@ -10,23 +10,34 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, EngineConfig
-from engine.embedded import EMBEDDED_MODEL_NAME, cache_root, find_gguf_dir, is_complete
+from engine.embedded import GGUF_FILE, find_gguf_dir
+from engine.gguf_checkpoint import GGUFSelectionError, pick_gguf_file
+from engine.gguf_file import read_gguf
+from engine.gguf_weights import gguf_model_config
 from engine.loader import ModelLoadError, check_max_model_len, read_model_config
 from engine.lora import LoraError, parse_lora_modules, read_adapter_config
+from engine.model.config import ModelConfig
 
 
 def check_config(config: EngineConfig) -> None:
     """Raise ConfigError for a device this machine lacks, a local model path that holds no model, or a context too long."""
     check_device(config.device)
     check_lora_modules(config)
-    model_dir = _local_model_dir(config)
-    if model_dir is None:
+    model_path = _local_model_path(config)
+    if model_path is None:
         return  # a Hub repo: its config.json arrives with the download, and LLMEngine checks it before the weights
     try:
-        model_config = read_model_config(model_dir)
+        model_config = _read_config(model_path)
     except (ModelLoadError, ValueError, KeyError) as exc:
-        raise ConfigError("model", f"model {str(model_dir)!r} cannot be served: {exc}") from exc
+        raise ConfigError("model", f"model {str(model_path)!r} cannot be served: {exc}") from exc
     check_max_model_len(config, model_config)
+
+
+def _read_config(model_path: Path) -> ModelConfig:
+    """From a GGUF file's header, or a folder's config.json."""
+    if model_path.is_file():
+        return gguf_model_config(read_gguf(model_path))
+    return read_model_config(model_path)
 
 
 def check_lora_modules(config: EngineConfig) -> None:
@@ -59,22 +70,23 @@ def check_device(device: str | None) -> None:
         raise ConfigError("device", f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
-def _local_model_dir(config: EngineConfig) -> Path | None:
-    """The model's folder when it is on this machine already (a local path, or the converted embedded model), else None."""
+def _local_model_path(config: EngineConfig) -> Path | None:
+    """The model when it is on this machine already (a local folder or GGUF file, the embedded GGUF), else None."""
     if config.model is None:
-        converted = cache_root(config.cache_dir) / EMBEDDED_MODEL_NAME
-        if is_complete(converted):
-            return converted
         try:
-            find_gguf_dir()  # converted on first use, from this package
+            return find_gguf_dir() / GGUF_FILE
         except RuntimeError as exc:
             raise ConfigError("model", f"no model given and {exc}") from exc
-        return None
     path = Path(config.model).expanduser()
-    if path.is_dir():
+    if path.is_file() and path.suffix == ".gguf":
         return path
+    if path.is_dir():
+        try:
+            return pick_gguf_file(path, config.gguf_file) or path
+        except GGUFSelectionError as exc:
+            raise ConfigError("gguf_file", str(exc)) from exc
     if path.exists():
-        raise ConfigError("model", f"model path {config.model!r} is not a directory")
+        raise ConfigError("model", f"model path {config.model!r} is neither a directory nor a .gguf file")
     if config.model.startswith((".", "/", "~")) or config.model.count("/") > 1:
         raise ConfigError("model", f"model path {config.model!r} does not exist (a Hub repo id looks like owner/name)")
     return None

@@ -16,7 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.embedded import cache_root
 from engine.kv_cache import allocate_kv_cache
-from engine.loader import load_model
+from engine.loader import Quantization, load_model, quantization_of
 from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model.lora import LoraLinear, attach_lora
@@ -40,6 +40,7 @@ class RankSpec:
     dtype: torch.dtype
     block_size: int
     kernel_dir: Path | None  # where the C decode kernel is built (fp32 on CPU); None: the PyTorch reference path
+    quantization: Quantization | None = None  # weight-only quantization at load (loader.quantize); None: float weights
     max_loras: int = 0  # LoRA adapter slots (besides slot 0, the base model); 0: no LoRA layers
     max_lora_rank: int = 0
 
@@ -52,7 +53,8 @@ class RankSpec:
         kernel_dir = cache_root(config.cache_dir) if has_kernel else None
         args = (str(model_dir), model_config, str(device), dtype, config.block_size, kernel_dir)
         lora = (config.max_loras, config.max_lora_rank) if config.is_lora_enabled else (0, 0)
-        return cls(0, config.tensor_parallel_size, *args, *lora)
+        quantization = quantization_of(config, cache_root(config.cache_dir))
+        return cls(0, config.tensor_parallel_size, *args, quantization, *lora)
 
 
 @dataclass(slots=True)
@@ -70,7 +72,7 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
     device = torch.device(spec.device)
     partition = Partition(spec.rank, spec.world_size)
     partition.check(spec.model_config)
-    model = load_model(Path(spec.model_dir), spec.model_config, device, spec.dtype, partition)
+    model = load_model(Path(spec.model_dir), spec.model_config, device, spec.dtype, partition, spec.quantization)
     lora_layers = attach_lora(model, spec.max_loras, spec.max_lora_rank) if spec.max_loras else None
     num_kv_heads = partition.num_kv_heads(spec.model_config)
     if not isinstance(num_blocks, int):

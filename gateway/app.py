@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from typing import Any
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -31,6 +32,15 @@ from gateway.lora import load_lora_adapter, unload_lora_adapter
 from gateway.metrics import metrics_endpoint
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_spec
+from gateway.response_store import open_store
+from gateway.responses import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+    stop_background_responses,
+)
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.tokenize import detokenize, tokenize
@@ -49,26 +59,36 @@ def package_version() -> str:
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     state = GatewayState(settings, engine)
-    spec = openapi_spec("Sirocco", package_version())
+    specs: list[dict[str, Any]] = []  # built on the first request (~0.1 s of pydantic schema work most apps never need)
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(spec)
+        if not specs:
+            specs.append(openapi_spec("Sirocco", package_version()))
+        return JSONResponse(specs[0])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owns_engine = state.engine is None
+        state.response_store = open_store(settings)
         loading = asyncio.create_task(load_engine(state)) if owns_engine else None
         try:
             yield
         finally:
             if loading is not None:
                 loading.cancel()  # abandons a load still under way (its daemon thread dies with the process)
+            await stop_background_responses(state)
+            await state.response_store.close()
             if owns_engine and state.engine is not None:
                 await anyio.to_thread.run_sync(state.engine.shutdown)
 
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
         Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),

@@ -18,7 +18,7 @@ from engine import ChatTemplateInfo, CompletionOutput, TokenLogprobs
 from gateway.body import parse_body
 from gateway.constraints import tool_constraint
 from gateway.protocol import ChatCompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -69,14 +69,10 @@ class _Reply:
 
 async def create_chat_completion(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    state.metrics.received.labels("chat_completions").inc()
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_body_bytes)
-    info = state.engine.chat_template_info if state.engine is not None else _NO_TEMPLATE_INFO
-    chat_prompt = build_chat_prompt(body, state.settings.tool_call_parser, info)
-    tool_format = chat_prompt.tool_format if body.calls_tools else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    constraint = tool_constraint(body, chat_prompt.tool_format)
-    keeps_special = tool_format is MISTRAL and info.has_tool_calls_token  # [TOOL_CALLS] is a special token there
-    requests = await submit(state, response_id, body, [chat_prompt.prompt], constraint, skip_special_tokens=not keeps_special)
+    requests, tool_format = await submit_chat(state, response_id, body)
     fingerprint = state.system_fingerprint(state.require_engine())
     reply = _Reply(response_id, int(time.time()), body.model, body.logprobs, fingerprint, tool_format)
     if body.stream:
@@ -96,6 +92,22 @@ async def create_chat_completion(request: Request) -> Response:
         system_fingerprint=reply.system_fingerprint,
     )
     return Response(response.model_dump_json(), media_type="application/json")
+
+
+async def submit_chat(
+    state: GatewayState, request_id: str, body: ChatCompletionRequest
+) -> tuple[EngineRequests, ToolFormat | None]:
+    """Render the messages (with tools), constrain calls, start the engine request; the format calls are parsed in.
+
+    The one path from a chat request to the engine: /v1/responses builds a ChatCompletionRequest and comes here too.
+    """
+    info = state.engine.chat_template_info if state.engine is not None else _NO_TEMPLATE_INFO
+    chat_prompt = build_chat_prompt(body, state.settings.tool_call_parser, info)
+    tool_format = chat_prompt.tool_format if body.calls_tools else None
+    constraint = tool_constraint(body, chat_prompt.tool_format)
+    keeps_special = tool_format is MISTRAL and info.has_tool_calls_token  # [TOOL_CALLS] is a special token there
+    requests = await submit(state, request_id, body, [chat_prompt.prompt], constraint, skip_special_tokens=not keeps_special)
+    return requests, tool_format
 
 
 def _choice(reply: _Reply, index: int, total: ChoiceTotal) -> ChatChoice:

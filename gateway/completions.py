@@ -17,7 +17,7 @@ from starlette.responses import Response
 from engine import EngineClient, TokenLogprobs
 from gateway.body import parse_body
 from gateway.protocol import CompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
@@ -78,6 +78,7 @@ def _concat(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLo
 
 async def create_completion(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    state.metrics.received.labels("completions").inc()
     body = await parse_body(request, CompletionRequest, state.settings.max_body_bytes)
     prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"

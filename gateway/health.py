@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.errors import APIError, error_response
-from gateway.responses import ModelCard, ModelList
+from gateway.replies import ModelCard, ModelList
 from gateway.state import GatewayState, loading_error
 
 

@@ -18,6 +18,7 @@ from engine import EngineStats, RequestOutput
 from gateway.settings import Settings
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+ENDPOINTS = ("completions", "chat_completions", "responses")  # label values of sirocco_requests_received
 
 
 class EngineStatsCollector(Collector):
@@ -106,6 +107,11 @@ class Metrics:
         )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
+        self.received = Counter(
+            "sirocco_requests_received", "Generation requests received, by endpoint", ["endpoint"], registry=self.registry
+        )
+        for endpoint in ENDPOINTS:
+            self.received.labels(endpoint)
         self.lora_requests = Counter(
             "sirocco_lora_requests", "Requests received for each LoRA adapter", ["lora_name"], registry=self.registry
         )

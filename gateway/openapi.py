@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import (
+from gateway.replies import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
@@ -16,6 +16,7 @@ from gateway.responses import (
     ModelCard,
     ModelList,
 )
+from gateway.responses_protocol import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
 from gateway.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -60,6 +61,69 @@ def _generation(summary: str, request: type[BaseModel], response: type[BaseModel
     return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
 
 
+# A Responses stream event: `event:` names its type, `data` is the event as JSON (its fields depend on the type).
+_RESPONSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "pattern": "^(response\\.[a-z_.]+|error)$"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["type", "sequence_number"],
+                "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer", "minimum": 0}},
+            },
+        },
+    },
+}
+
+
+def _json(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _responses_routes() -> dict[str, Any]:
+    """POST /v1/responses and the routes of a stored response (404 when missing, expired or another key's)."""
+    error = _json(ErrorResponse)
+    errors = {status: {"description": text, "content": error} for status, text in _ERRORS.items()}
+    not_found = {"description": "No such stored response (or another API key's)", "content": error}
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    security = [{"bearer": []}, {}]
+    created = {
+        "description": "The response (queued with background=true), or with stream=true an SSE stream of named events",
+        "content": {**_json(ResponseObject), "text/event-stream": {"schema": _RESPONSE_EVENT}},
+    }
+    body = {"required": True, "content": _json(ResponsesRequest)}
+    create = {
+        "summary": "Create a model response (OpenAI's Responses API)",
+        "requestBody": body,
+        "responses": {**errors, "200": created, "404": {"description": "Unknown model or previous response", "content": error}},
+        "security": security,
+    }
+
+    def stored(summary: str, model: type[BaseModel], extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        ok = {"description": "OK", "content": _json(model)}
+        responses = {"200": ok, "400": errors["400"], "401": errors["401"], "404": not_found, "503": errors["503"]}
+        return {"summary": summary, "parameters": response_id + (extra or []), "responses": responses, "security": security}
+
+    page = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
+    return {
+        "/v1/responses": {"post": create},
+        "/v1/responses/{response_id}": {
+            "get": stored("A stored response", ResponseObject),
+            "delete": stored("Delete a stored response", DeletedResponse),
+        },
+        "/v1/responses/{response_id}/input_items": {"get": stored("A page of its input items", InputItemList, page)},
+        "/v1/responses/{response_id}/cancel": {"post": stored("Cancel a background response", ResponseObject)},
+    }
+
+
 def _tokenizer_route(summary: str, requests: list[type[BaseModel]], response: type[BaseModel]) -> dict[str, Any]:
     error = {"application/json": {"schema": _ref(ErrorResponse)}}
     schema = _ref(requests[0]) if len(requests) == 1 else {"oneOf": [_ref(request) for request in requests]}
@@ -84,6 +148,10 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         (TokenizeResponse, "serialization"),
         (DetokenizeRequest, "validation"),
         (DetokenizeResponse, "serialization"),
+        (ResponsesRequest, "validation"),
+        (ResponseObject, "serialization"),
+        (InputItemList, "serialization"),
+        (DeletedResponse, "serialization"),
     ]
     _, schema = models_json_schema(models, ref_template=_REF)
     plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -93,6 +161,7 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         "/v1/chat/completions": _generation(
             "Chat completion", ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk
         ),
+        **_responses_routes(),
         "/v1/models": {
             "get": {
                 "summary": "The served model",

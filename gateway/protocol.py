@@ -38,8 +38,20 @@ class StructuredOutputsRequest(StrictModel):
     structural_tag: str | None = Field(None, description="An xgrammar structural tag (JSON text)")
 
 
-class GenerationRequest(StrictModel):
-    """Fields both endpoints share, with OpenAI's names and ranges; vLLM's sampling extras at the end."""
+class SamplingExtras(StrictModel):
+    """vLLM's sampling extras, which every generation endpoint (/v1/responses too) accepts under the same names."""
+
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    structured_outputs: StructuredOutputsRequest | None = Field(None, description="vLLM's constrained-output extra")
+
+
+class GenerationRequest(SamplingExtras):
+    """Fields both endpoints share, with OpenAI's names and ranges; vLLM's sampling extras come from SamplingExtras."""
 
     # field name -> values that mean "not used" (anything else is a 400 naming the field)
     unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -60,13 +72,6 @@ class GenerationRequest(StrictModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = Field(None, description="Accepted, not used")
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    structured_outputs: StructuredOutputsRequest | None = Field(None, description="vLLM's constrained-output extra")
 
     @property
     def include_usage(self) -> bool:

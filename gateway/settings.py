@@ -78,6 +78,10 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     tool_call_parser: Literal["auto", "mistral", "hermes"] = Field(
         "auto", description="Tool-call format; auto: mistral if the tokenizer has [TOOL_CALLS], else hermes"
     )
+    responses_hosted_tools: Literal["ignore", "reject"] = Field(
+        "ignore",
+        description="Hosted tools in /v1/responses (web_search, ...): ignore leaves them out with a warning, reject is a 400",
+    )
 
     # Limits on user input
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413")

@@ -1,10 +1,12 @@
-"""GatewayState: what the handlers share (settings, engine, metrics), the load's outcome and the drain switch SIGTERM flips.
+"""GatewayState: what the handlers share (settings, engine, metrics, response store), the load's outcome and the drain
+switch SIGTERM flips.
 
 One instance per app, on `app.state.gateway`; no module-level state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from engine import EngineClient, EngineStats, LoraClient
 from gateway.errors import APIError
 from gateway.metrics import Metrics
+from gateway.response_store import ResponseStore
 from gateway.settings import Settings
 
 
@@ -25,6 +28,8 @@ class GatewayState:
     created: int = field(default_factory=lambda: int(time.time()))
     is_draining: bool = False
     num_in_flight: int = 0  # API requests being served (streams count until their last event)
+    response_store: ResponseStore | None = None  # the Responses API's store, opened by the lifespan
+    background: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # background responses running here, by id
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings, self.read_stats)
@@ -68,6 +73,12 @@ class GatewayState:
         if self.engine is None or not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
         return self.engine
+
+    def require_store(self) -> ResponseStore:
+        """The response store, or 503 outside the lifespan."""
+        if self.response_store is None:
+            raise APIError(503, "The response store is not open.", code="store_unavailable")
+        return self.response_store
 
 
 def loading_error() -> APIError:

@@ -18,14 +18,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> pathlib.Path:
-    """The converted SmolLM2-135M-Instruct directory, cached under <repo>/.cache/sirocco (gitignored) across runs."""
-    from engine.embedded import embedded_model_dir as convert_or_find
+    """SmolLM2-135M-Instruct converted to float32 safetensors (what transformers' reference reads), cached under
+    <repo>/.cache/sirocco (gitignored) across runs. The server itself serves the GGUF: embedded_gguf_dir."""
+    from engine.embedded import embedded_float32_dir
 
-    return convert_or_find(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
+    return embedded_float32_dir(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf_dir() -> pathlib.Path:
+    """The model directory serving SmolLM2-135M-Instruct from its GGUF file (what `sirocco serve` runs by default)."""
+    from engine.embedded import embedded_model_dir as gguf_model_dir
+
+    return gguf_model_dir(cache_dir=str(REPO_ROOT / ".cache" / "sirocco"))
 
 
 def write_tiny_mistral(
-    out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, sliding_window: int | None, num_key_value_heads: int = 2
+    out_dir: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+    sliding_window: int | None,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
 ) -> pathlib.Path:
     """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
     import torch
@@ -40,7 +53,7 @@ def write_tiny_mistral(
         num_attention_heads=4,
         num_key_value_heads=num_key_value_heads,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # transformers 5 spelling of rope_theta
         sliding_window=sliding_window,
         bos_token_id=tokenizer.bos_token_id,

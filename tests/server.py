@@ -40,6 +40,7 @@ class ServerProcess:
             "SIROCCO_CACHE_DIR": str(REPO_ROOT / ".cache" / "sirocco"),
             "SIROCCO_KV_CACHE_GIB": "0.25",
             "SIROCCO_MAX_MODEL_LEN": "1024",
+            "SIROCCO_RESPONSES_STORE_PATH": str(log_path.parent / "responses.sqlite3"),  # one store per server
             **settings,
         }
         self.log_path = log_path

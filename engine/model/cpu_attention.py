@@ -121,19 +121,26 @@ class DecodeKernel:
 
 def load_decode_kernel(cache_dir: pathlib.Path) -> DecodeKernel | None:
     """The kernel, built into cache_dir/kernels on first use; None (reference path) where it cannot be had."""
+    library = load_c_library(SOURCE, cache_dir, "CPU decode attention")
+    return None if library is None else DecodeKernel(library)
+
+
+def load_c_library(source: pathlib.Path, cache_dir: pathlib.Path, what: str) -> ctypes.CDLL | None:
+    """A C source of csrc/ built with FLAGS into cache_dir/kernels on first use and loaded; None (the caller keeps its
+    PyTorch path, and the log says why) off Linux, without torch's libgomp or gcc, or when the build fails."""
     if platform.system() != "Linux":
         return None
     if not _torch_uses_libgomp():
-        logger.info("CPU decode attention: torch's OpenMP is not libgomp; using the PyTorch reference path")
+        logger.info("%s: torch's OpenMP is not libgomp; using the PyTorch path", what)
         return None
     compiler = shutil.which("gcc")
     if compiler is None:
-        logger.warning("CPU decode attention: no gcc on PATH; using the slower PyTorch reference path")
+        logger.warning("%s: no gcc on PATH; using the slower PyTorch path", what)
         return None
     try:
-        return DecodeKernel(ctypes.CDLL(str(_build(compiler, cache_dir))))
+        return ctypes.CDLL(str(_build(compiler, source, cache_dir, what)))
     except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU decode attention: building the C kernel failed (%s); using the PyTorch reference path", exc)
+        logger.warning("%s: building the C kernel failed (%s); using the PyTorch path", what, exc)
         return None
 
 
@@ -144,11 +151,11 @@ def _torch_uses_libgomp() -> bool:
         return any("libgomp" in line for line in maps)
 
 
-def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
-    source = SOURCE.read_bytes()
+def _build(compiler: str, source_path: pathlib.Path, cache_dir: pathlib.Path, what: str) -> pathlib.Path:
+    source = source_path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version, platform.machine().encode()])).hexdigest()
-    target = cache_dir / "kernels" / f"decode_attention-{key[:16]}.so"
+    target = cache_dir / "kernels" / f"{source_path.stem}-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,7 @@ def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        command = [compiler, *FLAGS, "-o", tmp, str(source_path), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise subprocess.SubprocessError(f"{' '.join(command)}: {result.stderr.strip()[-2000:]}")
@@ -164,5 +171,5 @@ def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    logger.info("CPU decode attention: built %s in %.1f s", target, time.monotonic() - start_s)
+    logger.info("%s: built %s in %.1f s", what, target, time.monotonic() - start_s)
     return target

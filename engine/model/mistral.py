@@ -124,6 +124,7 @@ class MistralForCausalLM(nn.Module):
         has_lm_head = not config.tie_word_embeddings and partition.rank == 0
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_lm_head else None
         self.cpu_logits_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # set by pack_cpu_logits()
+        self.quant_lm_head: nn.Module | None = None  # a QuantLinear when the weights are quantized (quant_linear.py)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -133,6 +134,8 @@ class MistralForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> fp32 logits [num_rows, vocab]."""
+        if self.quant_lm_head is not None:
+            return self.quant_lm_head(hidden).float()
         if self.cpu_logits_weight is not None:
             return torch._C._nn.mkldnn_linear(hidden.to_mkldnn(), *self.cpu_logits_weight).to_dense()
         return (hidden @ self.logits_weight.t()).float()
@@ -144,6 +147,8 @@ class MistralForCausalLM(nn.Module):
     def pack_cpu_logits(self) -> None:
         """CPU fp32 only: a oneDNN copy of the logits matrix; its GEMM streams the 100+ MB matrix about 1.7x faster."""
         weight = self.logits_weight
+        if self.quant_lm_head is not None:  # the logits come from the quantized copy
+            return
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
             self.cpu_logits_weight = (weight.detach().to_mkldnn(), bias.to_mkldnn())

@@ -13,6 +13,7 @@ COUNTERS = (
     "sirocco_prompt_tokens_total",
     "sirocco_generation_tokens_total",
     "sirocco_requests_finished_total",  # label finish_reason, one of FINISH_REASONS
+    "sirocco_requests_received_total",  # label endpoint: completions, chat_completions or responses
     "sirocco_preemptions_total",
     "sirocco_prefix_cache_queries_total",
     "sirocco_prefix_cache_hits_total",

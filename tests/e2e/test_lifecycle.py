@@ -149,7 +149,7 @@ def test_a_drain_that_times_out_ends_streams_with_an_error_event(tmp_path: pathl
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_loading_stops_the_server_at_once(tmp_path: pathlib.Path, sig: signal.Signals) -> None:
-    # An empty cache: the embedded model is converted first (the slowest first start there is).
+    # An empty cache: the embedded model's tokenizer is extracted from its GGUF first (the slowest first start there is).
     server = ServerProcess(tmp_path / "server.log", {"SIROCCO_CACHE_DIR": str(tmp_path / "cache")})
     try:
         health = _wait_for_loading(server)
@@ -191,7 +191,7 @@ def test_a_busy_port_fails_in_one_line_before_loading(tmp_path: pathlib.Path) ->
 
 
 def test_a_first_start_with_json_logs_writes_only_json_lines(tmp_path: pathlib.Path) -> None:
-    """Converting the embedded model (an empty cache) draws progress bars unless they are off; JSON logs turn them off."""
+    """Preparing the embedded model (an empty cache) may draw progress bars unless they are off; JSON logs turn them off."""
     settings = {"SIROCCO_CACHE_DIR": str(tmp_path / "cache"), "SIROCCO_LOG_JSON": "true"}
     server = ServerProcess(tmp_path / "server.log", settings)
     try:
@@ -204,5 +204,5 @@ def test_a_first_start_with_json_logs_writes_only_json_lines(tmp_path: pathlib.P
         server.stop()
     lines = server.log().splitlines()
     messages = [json.loads(line)["message"] for line in lines]  # fails on any line that is not one JSON object
-    assert any(message.startswith("converted embedded model") for message in messages)
+    assert any(message.startswith("prepared SmolLM2-135M-Instruct.Q4_1.gguf for serving") for message in messages)
     assert any(message.startswith("ready in ") for message in messages)

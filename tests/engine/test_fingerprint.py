@@ -30,7 +30,8 @@ def test_fingerprint_changes_with_what_changes_outputs(tmp_path: pathlib.Path) -
         _fingerprint(tmp_path, dataclasses.replace(config, seed=1)),
         _fingerprint(tmp_path, dataclasses.replace(config, revision="v2")),
         _fingerprint(tmp_path, dataclasses.replace(config, model="other")),
+        _fingerprint(tmp_path, dataclasses.replace(config, quantization="int4")),
     }
     (tmp_path / "config.json").write_text('{"model_type": "mistral", "num_hidden_layers": 4}')
     changed.add(_fingerprint(tmp_path, config))
-    assert len(changed) == 6 and base not in changed
+    assert len(changed) == 7 and base not in changed

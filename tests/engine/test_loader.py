@@ -79,7 +79,7 @@ def test_local_directory_is_used_as_is(tiny_mistral_dir: pathlib.Path) -> None:
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ModelLoadError, match="is not a directory"):
+    with pytest.raises(ModelLoadError, match=r"is neither a directory nor a \.gguf file"):
         resolve_model_dir(EngineConfig(model=str(tmp_path / "nope")))
 
 

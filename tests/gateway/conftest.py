@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,11 +23,15 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def make_client(engine: FakeEngine) -> Iterator[ClientFactory]:
-    """make_client(**settings) -> a started TestClient; 500s come back as responses, not exceptions."""
+def make_client(engine: FakeEngine, tmp_path: pathlib.Path) -> Iterator[ClientFactory]:
+    """make_client(**settings) -> a started TestClient; 500s come back as responses, not exceptions.
+
+    Its response store is a SQLite file of the test's own, not the one in the user's cache directory.
+    """
     clients: list[TestClient] = []
 
     def make(**settings: Any) -> TestClient:
+        settings = {"responses_store_path": str(tmp_path / "responses.sqlite3"), **settings}
         client = TestClient(create_app(Settings(**settings), engine), raise_server_exceptions=False)
         clients.append(client.__enter__())
         return client

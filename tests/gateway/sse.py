@@ -23,3 +23,16 @@ def sse_json(body: str) -> list[dict[str, Any]]:
     assert data[-1] == "[DONE]"
     assert data.count("[DONE]") == 1
     return [json.loads(item) for item in data[:-1]]
+
+
+def sse_named(body: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event line, JSON data) of each event of a stream that names its events (the Responses API's); no [DONE]."""
+    events = [block for block in body.replace("\r\n", "\n").split("\n\n") if block.strip()]
+    named = []
+    for event in events:
+        lines = event.split("\n")
+        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+        data = "\n".join(line[len("data: ") :] for line in lines if line.startswith("data: "))
+        assert len(names) == 1, event
+        named.append((names[0], json.loads(data)))
+    return named

@@ -77,6 +77,10 @@ def test_openapi_describes_our_endpoints(client: TestClient) -> None:
     assert set(spec["paths"]) == {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
+        "/v1/responses/{response_id}/input_items",
+        "/v1/responses/{response_id}/cancel",
         "/v1/models",
         "/v1/models/{model_id}",
         "/tokenize",
@@ -87,6 +91,7 @@ def test_openapi_describes_our_endpoints(client: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     assert "prompt" in schemas["CompletionRequest"]["properties"]
     assert "messages" in schemas["ChatCompletionRequest"]["properties"]
+    assert "previous_response_id" in schemas["ResponsesRequest"]["properties"]
     refs: list[str] = []
 
     def walk(node: object) -> None:

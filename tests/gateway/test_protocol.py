@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import DeltaMessage, public_finish_reason
+from gateway.replies import DeltaMessage, public_finish_reason
 from gateway.settings import Settings
 
 USER = [{"role": "user", "content": "hi"}]

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import json
 import pathlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,13 +33,17 @@ from schemathesis import GenerationMode
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.response_store import StoredResponse, open_store
+from gateway.responses_protocol import ResponsesRequest
+from gateway.settings import Settings
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS_LIMIT = 4
 MAX_BODY_BYTES = 1 << 20
-EXAMPLES_PER_MODE = 40  # per POST operation and generation mode: 160 generated requests in all
+EXAMPLES_PER_MODE = 40  # per POST operation with a body and generation mode: 240 generated requests in all
 # Request fields that only accept their "unused" value: left out of generated valid bodies (their 400 is tested below).
 UNSUPPORTED = (*CompletionRequest.unsupported, *ChatCompletionRequest.unsupported, "best_of")
+RESPONSES_UNSUPPORTED = (*ResponsesRequest.unsupported, "include", "background")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,10 @@ def check_answer(response: httpx.Response) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:500])
     if response.status_code >= 400:
         assert_error_envelope(response)
+    elif response.headers.get("content-type", "").startswith("text/event-stream") and "/v1/responses" in str(response.url):
+        events = [json.loads(item) for item in sse_data(response.text.splitlines())]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+        assert [event["sequence_number"] for event in events] == list(range(len(events)))
     elif response.headers.get("content-type", "").startswith("text/event-stream"):
         data = sse_data(response.text.splitlines())
         assert data[-1] == "[DONE]", data[-2:]
@@ -87,6 +96,12 @@ def _fuzzable_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 props[field] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 5}, {"type": "null"}]}
         for field in UNSUPPORTED:
             props.pop(field, None)
+    props = schemas["ResponsesRequest"]["properties"]
+    props["model"] = {"enum": [MODEL]}
+    props["max_output_tokens"] = small
+    props["min_tokens"] = {"type": "integer", "minimum": 0, "maximum": 1}
+    for field in RESPONSES_UNSUPPORTED:
+        props.pop(field, None)
     message = schemas["ChatMessage"]
     message["properties"] = {"role": message["properties"]["role"], "content": message["properties"]["content"]}
     message["required"] = ["role", "content"]
@@ -123,12 +138,12 @@ def test_schemathesis_against_own_openapi(server: Server) -> None:
     statuses: Counter[tuple[str, str, int]] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
-        if operation.method.upper() == "POST":
+        if operation.method.upper() == "POST" and "requestBody" in operation.definition.raw:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 _fuzz_operation(server.base_url, operation, mode, statuses)
     for path in ("/v1/models", "/health", "/metrics", "/openapi.json"):
         assert httpx.get(f"{server.base_url}{path}").status_code == 200
-    assert sum(statuses.values()) >= 4 * EXAMPLES_PER_MODE * 0.9, statuses
+    assert sum(statuses.values()) >= 6 * EXAMPLES_PER_MODE * 0.9, statuses
     assert any(status == 200 for (_, _, status) in statuses), statuses  # valid bodies did reach the engine
     assert all(status < 500 for (_, _, status) in statuses), statuses
 
@@ -148,6 +163,16 @@ def test_streams_conform_to_the_openapi_event_schema(server: Server, path: str, 
     response = case.call(base_url=server.base_url, timeout=60)
     assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]"), response.text[-200:]
     assert response.text.count("data: {") >= 4  # both choices' chunks, as JSON
+    case.validate_response(response, checks=[response_schema_conformance])
+
+
+def test_responses_stream_conforms_to_the_openapi_event_schema(server: Server) -> None:
+    """Every event of a real /v1/responses stream (its `event:` line and JSON data) passes schemathesis' SSE check."""
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.base_url}/openapi.json").json())
+    body = {"model": MODEL, "input": "Hello", "max_output_tokens": 4, "stream": True}
+    case = schema["/v1/responses"]["POST"].Case(body=body, media_type="application/json")
+    response = case.call(base_url=server.base_url, timeout=60)
+    assert response.status_code == 200 and "event: response.output_text.delta" in response.text, response.text[-300:]
     case.validate_response(response, checks=[response_schema_conformance])
 
 
@@ -213,6 +238,7 @@ def _hostile_bodies() -> list[tuple[str, str, bytes]]:
         for nested in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
             add(f"deeply nested user ({nested[:2]})", path, _raw(path, template, "user", nested))
     _add_grammar_cases(add)
+    _add_responses_cases(add)
     completions = _valid("/v1/completions")
     for prompt in ([49152], [2**31], [2**63], [10**30], [-1], [[1, 2], [49152]], [[]], [], [0] * 2000, "", [""]):
         add(f"prompt {str(prompt)[:30]}", "/v1/completions", {**completions, "prompt": prompt})
@@ -319,6 +345,61 @@ def _add_grammar_cases(add: Callable[[str, str, dict[str, Any] | bytes], None]) 
         add(name, "/v1/chat/completions", {**chat, **fields})
 
 
+def _add_responses_cases(add: Callable[[str, str, dict[str, Any] | bytes], None]) -> None:
+    """/v1/responses: huge and deep inputs, unknown item and tool types, calls that answer nothing, huge metadata."""
+    base = {"model": MODEL, "max_output_tokens": 2}
+    message = {"role": "user", "content": "Hello"}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    cases: dict[str, Any] = {
+        "10,000 input items": {"input": [message] * 10_000},
+        "4,096 input items": {"input": [message] * 4096},
+        "unknown item type": {"input": [{"type": "computer_call", "id": "x"}]},
+        "item without a type or role": {"input": [{"content": "x"}]},
+        "message with an image part": {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        "unknown tool type": {"input": "hi", "tools": [{"type": "teleport"}]},
+        "hosted tools only": {"input": "hi", "tools": [{"type": "web_search"}, {"type": "file_search"}], "tool_choice": "auto"},
+        "namespace with a hosted tool inside": {
+            "input": "hi",
+            "tools": [{"type": "namespace", "name": "n", "tools": [{"type": "mcp"}]}],
+        },
+        "the same function twice": {"input": "hi", "tools": [tool, {"type": "namespace", "name": "n", "tools": [tool]}]},
+        "10,000 tools": {"input": "hi", "tools": [tool] * 10_000},
+        "mismatched call_id": {"input": [message, call, {"type": "function_call_output", "call_id": "c2", "output": "x"}]},
+        "output before its call": {"input": [{"type": "function_call_output", "call_id": "c1", "output": "x"}, call]},
+        "call with broken arguments": {"input": [message, {**call, "arguments": "{"}]},
+        "item_reference to nothing": {"input": [{"type": "item_reference", "id": "msg_nowhere"}]},
+        "only reasoning": {"input": [{"type": "reasoning", "summary": []}]},
+        "empty input": {"input": []},
+        "huge metadata": {"input": "hi", "metadata": {f"k{i}": "v" * 512 for i in range(10_000)}},
+        "metadata past 16 keys": {"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}},
+        "metadata value too long": {"input": "hi", "metadata": {"k": "v" * 513}},
+        "previous_response_id of 100k characters": {"input": "hi", "previous_response_id": "r" * 100_000},
+        "text.format json_schema nested 200 deep": {
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": _nested_schema(200)}},
+        },
+        "tool_choice naming a missing function": {
+            "input": "hi",
+            "tools": [tool],
+            "tool_choice": {"type": "function", "name": "g"},
+        },
+        "background without store": {"input": "hi", "background": True, "store": False},
+        "streamed background": {"input": "hi", "background": True, "stream": True},
+        "streamed tool call round": {
+            "input": [message, call, {"type": "function_call_output", "call_id": "c1", "output": "x"}],
+            "stream": True,
+        },
+    }
+    for name, fields in cases.items():
+        add(f"responses: {name}", "/v1/responses", {**base, **fields})
+    for nested in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        add(f"responses: deeply nested input ({nested[:2]})", "/v1/responses", _raw("/v1/responses", base, "input", nested))
+    deep_content = '[{"type": "input_text", "text": ' * 1000 + '"x"' + "}]" * 1000  # as text: json.dumps would recurse
+    deep = json.dumps({**base, "input": [{"role": "user", "content": "__DEEP__"}]}).replace('"__DEEP__"', deep_content)
+    add("responses: content parts nested 1000 deep", "/v1/responses", deep.encode())
+
+
 def test_hostile_requests_get_4xx_envelopes_never_5xx(server: Server) -> None:
     cases = _hostile_bodies()
     statuses: Counter[int] = Counter()
@@ -385,3 +466,41 @@ def _assert_alive_and_idle(server: Server) -> None:
     metrics = server.wait_idle()
     assert all(metrics[name] == 0 for name in IDLE_GAUGES), metrics
     assert_clean_log(server)
+
+
+def test_hostile_stored_conversations_get_4xx_never_5xx_nor_another_owners_response(server: Server) -> None:
+    """A previous_response_id chain 1,000 turns deep, a cycle, and another owner's response, written straight into the
+    server's SQLite store: a 400 (the conversation is longer than the context) or 404, never a 5xx or a leak."""
+    store_path = server.log_path.parent / "responses.sqlite3"
+
+    def record(response_id: str, previous: str | None, owner: str = "") -> StoredResponse:
+        item = {"type": "message", "id": f"msg_{response_id}", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+        output = {"type": "message", "id": f"out_{response_id}", "status": "completed", "role": "assistant", "content": []}
+        response = {"id": response_id, "object": "response", "status": "completed", "background": False, "output": [output]}
+        return StoredResponse(response_id, owner, response, [item], previous, time.time())
+
+    async def fill() -> None:
+        store = open_store(Settings(responses_store_path=str(store_path)))
+        try:
+            for depth in range(1000):
+                await store.put(record(f"resp_chain{depth}", f"resp_chain{depth - 1}" if depth else None))
+            await store.put(record("resp_cycle_a", "resp_cycle_b"))
+            await store.put(record("resp_cycle_b", "resp_cycle_a"))
+            await store.put(record("resp_secret", None, owner="f" * 64))
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    answers = {}
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        for previous in ("resp_chain999", "resp_chain3", "resp_cycle_a", "resp_secret"):
+            body = {"model": MODEL, "input": "again", "max_output_tokens": 2, "previous_response_id": previous}
+            answers[previous] = client.post("/v1/responses", json=body)
+        secret = [client.get("/v1/responses/resp_secret"), client.get("/v1/responses/resp_secret/input_items")]
+    for response in answers.values():
+        check_answer(response)
+    assert answers["resp_chain999"].status_code == 400 and assert_error_envelope(answers["resp_chain999"])["param"] == "input"
+    assert answers["resp_chain3"].status_code == 200 and answers["resp_cycle_a"].status_code == 200
+    assert answers["resp_secret"].status_code == 404 and "resp_secret" in answers["resp_secret"].text
+    assert all(response.status_code == 404 for response in secret) and "hi" not in "".join(r.text for r in secret)
+    _assert_alive_and_idle(server)

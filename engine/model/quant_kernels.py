@@ -1,0 +1,141 @@
+"""CPU kernels for quantized weights (csrc/quant_matmul.c): the kernel-ready weight form, build, load, call.
+
+The C kernel reads weights in blocks of 32 along K with fp16 scales (quant_matmul.c says the layouts); `pack_for_cpu`
+builds that form once from quant.py's canonical formats (a group of g > 32 becomes g / 32 blocks sharing one scale).
+Small batches (decode) quantize the activations to int8 per block of 32 and take integer dot products; large batches
+(prefill chunks) dequantize the weight in C and run torch's float GEMM, which is faster there (bench/quant_kernels.py).
+Built like the decode-attention kernel (cpu_attention.load_c_library); where it cannot be built, or the CPU lacks
+AVX2/FMA/F16C, load_quant_kernel returns None and quantized layers run the PyTorch dequantize-then-matmul path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import pathlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.cpu_attention import load_c_library
+from engine.model.quant import Int4Weight, QuantizedWeight, unpack_int4, weight_shape
+
+logger = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
+BLOCK = 32  # weights per block along K in the kernel-ready form
+# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon, CPU ms
+# at 576 -> 1728: int8 rows 64 1.35 dot vs 1.61 GEMM, rows 128 2.99 vs 2.49; int4 rows 128 2.26 vs 2.44, 256 4.17 vs 3.95).
+MIN_GEMM_ROWS = {"int4": 256, "int8": 96}
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A quantized weight in the C kernel's layout: w = q * d (+ z for int4), per block of 32 along K."""
+
+    kind: str  # "int4" | "int8"
+    qs: (
+        torch.Tensor
+    )  # 8 rows interleaved (quant_matmul.c): int4 uint8 [N // 8, K // 32, 4, 8, 4]; int8 [N // 8, K // 32, 8, 8, 4]
+    d: torch.Tensor  # float16 [N // 8, K // 32, 8]
+    z: torch.Tensor | None  # float16 [N // 8, K // 32, 8] for int4, None for int8
+    shape: tuple[int, int]  # (N, K)
+
+
+def can_pack(w: QuantizedWeight) -> bool:
+    """Whether the kernel can take w: K and the group size whole numbers of blocks, N whole groups of 8 rows."""
+    n, k = weight_shape(w)
+    return k % BLOCK == 0 and w.group_size % BLOCK == 0 and n % 8 == 0
+
+
+def pack_for_cpu(w: QuantizedWeight) -> PackedWeight:
+    """The canonical format -> the kernel's (scales rounded to fp16, as GGUF stores them)."""
+    n, k = weight_shape(w)
+    nb, repeat = k // BLOCK, w.group_size // BLOCK
+    d = w.scales.float().repeat_interleave(repeat, dim=1).half()  # [N, nb]
+    if isinstance(w, Int4Weight):
+        q = unpack_int4(w.packed.cpu()).view(n // 8, 8, nb, 2, 4, 4)  # [groups, row i, block, half, step t, j]
+        q = q.permute(0, 2, 3, 4, 1, 5)  # [groups, block, half, t, i, j]: k = 32 block + 16 half + 4 t + j
+        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()  # [N // 8, nb, 4, 8, 4]
+        z = _interleave_scales(w.zeros.float().repeat_interleave(repeat, dim=1).half())  # [N // 8, nb, 8]
+        return PackedWeight("int4", qs, _interleave_scales(d).cpu(), z.cpu(), (n, k))
+    q8 = w.qweight.cpu().view(n // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [groups, block, step s, row i, j]
+    return PackedWeight("int8", q8.contiguous(), _interleave_scales(d).cpu(), None, (n, k))
+
+
+def _interleave_scales(scales: torch.Tensor) -> torch.Tensor:
+    """[N, nb] -> [N // 8, nb, 8]: a group's 8 rows' scales of one block side by side."""
+    n, nb = scales.shape
+    return scales.view(n // 8, 8, nb).transpose(1, 2).contiguous()
+
+
+class QuantKernel:
+    """The loaded C functions, called with tensors."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        self._q4_matmul = _function(library, "q4_matmul", ctypes.c_int, [p, i, i, p, p, p, i, p])
+        self._q8_matmul = _function(library, "q8_matmul", ctypes.c_int, [p, i, i, p, p, i, p])
+        self._q4_dequantize = _function(library, "q4_dequantize", None, [p, p, p, i, i, p])
+        self._q8_dequantize = _function(library, "q8_dequantize", None, [p, p, i, i, p])
+        self._quantize_activations = _function(library, "quantize_activations", ctypes.c_int, [p, i, i, p])
+
+    def linear(self, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+        """x fp32 [M, K] -> fp32 [M, N]: integer dot products for small M, dequantize + float GEMM for large.
+
+        Both paths multiply the same int8-rounded rows by the same weight, so a row's result does not depend on the
+        batch it came in beyond float summation order (as with float weights): outputs stay batch invariant."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"quantized linear: fp32 CPU input [M, {w.shape[1]}] expected, got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        m, (n, k) = x.shape[0], w.shape
+        if m >= MIN_GEMM_ROWS[w.kind]:
+            return F.linear(self.round_activations(x), self.dequantize(w))
+        out = torch.empty(m, n, dtype=torch.float32)  # [M, N]
+        if w.kind == "int4":
+            assert w.z is not None
+            status = self._q4_matmul(x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), w.z.data_ptr(), n, out.data_ptr())
+        else:
+            status = self._q8_matmul(x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), n, out.data_ptr())
+        if status != 0:
+            raise MemoryError("quantized linear kernel: out of memory for the quantized activations")
+        return out
+
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 [M, K] -> the rows as the integer kernel sees them: int8 per block of 32, times the block's scale."""
+        out = torch.empty_like(x)  # [M, K]
+        if self._quantize_activations(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()) != 0:
+            raise MemoryError("quantized linear kernel: out of memory for the quantized activations")
+        return out
+
+    def dequantize(self, w: PackedWeight) -> torch.Tensor:
+        """The fp32 weight [N, K] the packed form stands for."""
+        n, k = w.shape
+        out = torch.empty(n, k, dtype=torch.float32)  # [N, K]
+        if w.kind == "int4":
+            assert w.z is not None
+            self._q4_dequantize(w.qs.data_ptr(), w.d.data_ptr(), w.z.data_ptr(), n, k, out.data_ptr())
+        else:
+            self._q8_dequantize(w.qs.data_ptr(), w.d.data_ptr(), n, k, out.data_ptr())
+        return out
+
+
+def _function(library: ctypes.CDLL, name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr:
+    fn = getattr(library, name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+def load_quant_kernel(cache_dir: pathlib.Path) -> QuantKernel | None:
+    """The kernel, built into cache_dir/kernels on first use; None (PyTorch path) where it cannot be had."""
+    library = load_c_library(SOURCE, cache_dir, "CPU quantized matmul")
+    if library is None:
+        return None
+    supported = library.quant_kernels_supported
+    supported.restype = ctypes.c_int
+    if not supported():
+        logger.warning("CPU quantized matmul: this CPU lacks AVX2, FMA or F16C; using the slower PyTorch path")
+        return None
+    return QuantKernel(library)
