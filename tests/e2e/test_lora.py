@@ -1,6 +1,6 @@
 """LoRA adapters through the real server and the openai SDK: /v1/models lists them with their parent, a request names
-one in `model` (chat, completions, Responses), unknown names are 404s naming what is served, and adapters load and unload at runtime while other
-requests run, losing none."""
+one in `model` (chat, completions, Responses), unknown names are 404s naming what is served, and adapters load and
+unload at runtime while other requests run, losing none."""
 
 from __future__ import annotations
 
