@@ -1,10 +1,11 @@
 """Sirocco's engine: the only names the gateway may import."""
 
 from engine.async_engine import AsyncEngine
-from engine.client import EngineClient
+from engine.client import EngineClient, LoraClient
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.llm import LLM
+from engine.lora import LoraError
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.preflight import check_config
 from engine.prompts import Prompt
@@ -29,6 +30,8 @@ __all__ = [
     "EngineStats",
     "InvalidRequestError",
     "Logprob",
+    "LoraClient",
+    "LoraError",
     "Prompt",
     "RequestFailedError",
     "RequestOutput",

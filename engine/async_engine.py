@@ -13,13 +13,15 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import replace
 
 from engine.config import EngineConfig
 from engine.core_client import CoreHooks, ProcessCoreClient, ThreadCoreClient
-from engine.engine_core import InboxItem, MakeEngine, StepReport
+from engine.engine_core import InboxItem, LoraUpdate, MakeEngine, StepReport
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from engine.llm_engine import LLMEngine
+from engine.lora import parse_lora_modules
 from engine.outputs import EngineStats, RequestOutput, merge_delta
 from engine.prompts import Prompt
 from engine.sampling_params import SamplingParams
@@ -51,6 +53,7 @@ class AsyncEngine:
         self.max_model_len = self.client.max_model_len
         self.fingerprint = self.client.fingerprint  # changes when the model or an output-changing setting does
         self.chat_template_info = self.client.tokenizer.chat_template_info
+        self.lora_names: list[str] = list(parse_lora_modules(config.lora_modules))  # served adapters, in load order
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -131,6 +134,24 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load and serve an adapter between two steps; raises LoraError (bad folder, name taken, LoRA off)."""
+        await self._update_lora(LoraUpdate(name, path, Future()))
+        self.lora_names.append(name)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Stop serving an adapter (its running requests finish with it); raises LoraError when it is not served."""
+        await self._update_lora(LoraUpdate(name, None, Future()))
+        self.lora_names.remove(name)
+
+    async def _update_lora(self, update: LoraUpdate) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(self._error or "the engine is not running")
+        with self._lock:
+            self._inbox.append(update)
+        self._wakeup.set()
+        await asyncio.wrap_future(update.done)
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._inbox.append(request_id)
@@ -138,7 +159,7 @@ class AsyncEngine:
 
     def _num_waiting(self) -> int:
         """Requests not yet running (caller holds the lock)."""
-        num_new = sum(1 for item in self._inbox if not isinstance(item, str))
+        num_new = sum(1 for item in self._inbox if isinstance(item, tuple))
         return self._stats.num_waiting + num_new + self._num_in_flight
 
     # --- the core client's hooks (its loop thread, or its sender and reader threads) -------------------------
@@ -146,7 +167,7 @@ class AsyncEngine:
     def _take_inbox(self) -> list[InboxItem]:
         with self._lock:
             inbox, self._inbox = self._inbox, []
-            self._num_in_flight += sum(1 for item in inbox if not isinstance(item, str))
+            self._num_in_flight += sum(1 for item in inbox if isinstance(item, tuple))
         return inbox
 
     def _on_report(self, report: StepReport) -> None:

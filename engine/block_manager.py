@@ -1,6 +1,7 @@
 """BlockManager: the paged KV-cache allocator (free list, reference counts, prefix cache). Pure Python.
 
-A full block is keyed by hash(previous block's hash, its token ids). Blocks nobody references stay in the
+A full block is keyed by hash(previous block's hash, its token ids); a sequence's first block's "previous hash" is its
+LoRA adapter's (None for the base model), so two adapters never share K/V. Blocks nobody references stay in the
 prefix cache and sit in the free list in least-recently-freed order; allocation takes the oldest first, which
 evicts it from the cache.
 """
@@ -14,6 +15,11 @@ from engine.sequence import Sequence
 
 def block_hash(parent_hash: int | None, token_ids: list[int]) -> int:
     return hash((parent_hash, tuple(token_ids)))
+
+
+def _root_hash(seq: Sequence) -> int | None:
+    """The parent hash of a sequence's first block: its adapter keys its whole chain."""
+    return None if seq.lora_id == 0 else hash(("lora", seq.lora_id))
 
 
 class BlockManager:
@@ -63,7 +69,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.is_scoring_prompt:
             return
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
-        parent: int | None = None
+        parent = _root_hash(seq)
         for i in range(max_blocks):
             h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             block_id = self.cached.get(h)
@@ -88,7 +94,7 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq)
             h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]

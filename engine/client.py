@@ -54,3 +54,14 @@ class EngineClient(Protocol):
     def detokenize(self, token_ids: list[int]) -> str: ...
 
     def token_texts(self, token_ids: list[int]) -> list[str]: ...
+
+
+@runtime_checkable
+class LoraClient(Protocol):
+    """An engine that serves LoRA adapters beside its base model (AsyncEngine); the gateway offers them when it is one."""
+
+    lora_names: list[str]  # served adapters, in load order
+
+    async def load_lora_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_lora_adapter(self, name: str) -> None: ...

@@ -82,6 +82,23 @@ class EngineConfig:
     )
     quantization_group_size: int = setting(32, "Weights sharing one quantization scale (a multiple of 32)", ge=32)
 
+    # LoRA (engine/lora.py): on when lora_modules names an adapter or runtime updates are allowed.
+    lora_modules: str | None = setting(
+        None, "LoRA adapters served beside the base model: comma-separated name=path (PEFT folder or Hub repo id)"
+    )
+    max_loras: int = setting(4, "LoRA adapters resident on the device at once (the adapter slots of each step)", ge=1)
+    max_lora_rank: int = setting(16, "Highest LoRA rank accepted; adapters above it are refused at load", ge=1)
+    max_cpu_loras: int | None = setting(
+        None, "LoRA adapters kept in host memory (least recently used re-read from disk); unset: max_loras", ge=1
+    )
+    enable_lora_runtime_updates: bool = setting(
+        False, "Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (adapters loaded from paths the server reads)"
+    )
+
+    @property
+    def is_lora_enabled(self) -> bool:
+        return bool(self.lora_modules and self.lora_modules.strip()) or self.enable_lora_runtime_updates
+
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("dtype", f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
@@ -112,6 +129,18 @@ class EngineConfig:
         if self.quantization is not None and self.tensor_parallel_size > 1:
             message = "quantization with tensor_parallel_size > 1 is not supported yet: use one or the other"
             raise ConfigError("quantization", message)
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"{name} must be at least 1 (got {value})")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            message = f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})"
+            raise ConfigError("max_cpu_loras", message)
+        if self.is_lora_enabled and self.tensor_parallel_size > 1:
+            raise ConfigError("lora_modules", "LoRA adapters are not supported with tensor_parallel_size > 1 yet")
+        if self.enable_lora_runtime_updates and self.engine_process:
+            message = "enable_lora_runtime_updates is not supported with engine_process yet (adapters at start-up are)"
+            raise ConfigError("enable_lora_runtime_updates", message)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +31,19 @@ from engine.prompts import Prompt
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
-InboxItem = tuple[str, list[int], SamplingParams] | str  # a new request (id, prepared prompt ids, params), or an id to abort
+
+@dataclass(slots=True)
+class LoraUpdate:
+    """Load (path set) or unload (path None) a LoRA adapter between steps; `done` gets None or the error. In-process
+    cores only (EngineConfig refuses runtime updates with engine_process)."""
+
+    name: str
+    path: str | None
+    done: Future[None]
+
+
+# A new request (id, prepared prompt ids, params), an id to abort, or an adapter update
+InboxItem = tuple[str, list[int], SamplingParams] | str | LoraUpdate
 ErrorInfo = tuple[str, str, str | None]  # (exception type name, message, param or config field)
 
 _ERRORS: dict[str, type[Exception]] = {  # the engine's own types whose constructor takes just a message
@@ -116,6 +129,9 @@ class EngineCore:
             if isinstance(item, str):
                 self.engine.abort(item)
                 continue
+            if isinstance(item, LoraUpdate):
+                _update_lora(self.engine, item)
+                continue
             num_adds += 1
             request_id, prompt_ids, params = item
             try:
@@ -132,6 +148,18 @@ class EngineCore:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _update_lora(engine: LLMEngine, update: LoraUpdate) -> None:
+    try:
+        if update.path is None:
+            engine.remove_lora(update.name)
+        else:
+            engine.add_lora(update.name, update.path)
+    except Exception as exc:  # the caller's error to report (bad folder, unknown name), not the loop's
+        update.done.set_exception(exc)
+    else:
+        update.done.set_result(None)
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -6,6 +6,8 @@ buffers are the device buffers. Block tables are kept per running sequence in Bl
 step adds; changed rows are copied to a device copy, from which each step's tables are gathered on the device.
 Unlike vLLM's InputBatch, no per-request sampling state lives here (the sampler owns it) and rows are not kept in
 batch order (the scheduler's order is the batch's; a gather by row index costs less than moving rows).
+With LoRA adapters each token row carries its sequence's adapter slot; a step with any adapter row gets a one-hot slot
+mask in its metadata (engine/model/lora.py), a step without gets none and runs the base layers alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from engine.model.attention import AttentionMetadata
 from engine.model.cpu_attention import DecodeKernel
+from engine.model.lora import LoraBatch
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, SequenceStatus
 
@@ -42,6 +45,7 @@ class _Filled:
     num_dirty: int  # block-table rows changed
     max_num_blocks: int  # the widest block table of the step
     seq_lens_cpu: list[int]
+    has_lora: bool = False  # some sequence of the step runs an adapter (its rows' slots are in "lora_slots")
 
 
 class BlockTableRows:
@@ -129,8 +133,12 @@ class InputBatch:
         max_num_seqs: int,
         max_blocks_per_seq: int,
         cpu_decode_kernel: DecodeKernel | None = None,
+        num_lora_slots: int = 0,  # adapter slots of the model, slot 0 included; 0: no LoRA
+        lora_dtype: torch.dtype = torch.float32,  # the model's dtype, for the slot mask
     ) -> None:
         assert max_num_tokens >= max_num_seqs >= 1 and max_blocks_per_seq >= 1
+        self.num_lora_slots = num_lora_slots
+        self.lora_dtype = lora_dtype
         self.device = device
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -147,6 +155,7 @@ class InputBatch:
             "row_idx": ((max_num_seqs,), torch.long),  # the block-table row of each sequence of the step
             "dirty_idx": ((max_num_seqs,), torch.long),  # rows changed this step ...
             "dirty_rows": ((max_num_seqs, max_blocks_per_seq), torch.int32),  # ... and their new contents
+            "lora_slots": ((max_num_tokens if num_lora_slots else 0,), torch.long),  # each token row's adapter slot
         }
         # Initial values are those of padded decode rows (token 0, no slot, no keys), which CUDA-graph capture runs on.
         self.host: dict[str, torch.Tensor] = {}
@@ -189,6 +198,7 @@ class InputBatch:
             "row_idx": num_seqs,
             "dirty_idx": filled.num_dirty,
             "dirty_rows": filled.num_dirty,
+            "lora_slots": num_tokens if filled.has_lora else 0,
         }
         views = self._upload(sizes)
         # The device copy of the rows takes this step's changed rows, then the step's tables are gathered from it.
@@ -206,6 +216,7 @@ class InputBatch:
             max_seq_len=max(filled.seq_lens_cpu),
             is_decode_only=num_tokens == num_seqs,
             cpu_decode_kernel=self.cpu_decode_kernel,
+            lora=self._lora_batch(views["lora_slots"]) if filled.has_lora else None,
         )
         query_start_loc_cpu = self.np["query_start_loc"][: num_seqs + 1].tolist()
         return StepInputs(views["input_ids"], views["positions"], meta, views["sample_idx"], query_start_loc_cpu)
@@ -216,12 +227,14 @@ class InputBatch:
         starts: list[int] = []
         rows: list[int] = []
         samples: list[bool] = []  # whether each sequence reaches its last token, so a token is sampled for it
+        lora_slots: list[int] = []
         for i, (seq, num) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):  # the only Python per sequence
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start : start + num]
             starts.append(start)
             rows.append(self.rows.update(seq))
             samples.append(batch.samples(i))
+            lora_slots.append(seq.lora_slot)
         num_seqs, num_tokens = len(rows), len(input_ids)
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)  # [num_seqs]
         seq_lens = np.array(starts, dtype=np.int64) + query_lens  # [num_seqs]
@@ -241,7 +254,15 @@ class InputBatch:
         self.np["dirty_idx"][: len(dirty)] = dirty
         self.np["dirty_rows"][: len(dirty)] = self.rows.table[dirty]  # [num_dirty, max_blocks_per_seq]
         max_num_blocks = max(map(self.rows.num_blocks.__getitem__, rows))
-        return _Filled(num_tokens, len(sample_idx), len(dirty), max_num_blocks, seq_lens.tolist())
+        has_lora = self.num_lora_slots > 0 and any(lora_slots)
+        if has_lora:
+            self.np["lora_slots"][:num_tokens] = np.repeat(np.array(lora_slots, dtype=np.int64), query_lens)
+        return _Filled(num_tokens, len(sample_idx), len(dirty), max_num_blocks, seq_lens.tolist(), has_lora)
+
+    def _lora_batch(self, slots: torch.Tensor) -> LoraBatch:
+        """slots [num_tokens] -> the step's one-hot mask of slots 1.. [num_tokens, num_lora_slots - 1], once for all layers
+        (slot 0, the base model, has no column: its rows are all zero)."""
+        return LoraBatch(torch.nn.functional.one_hot(slots, self.num_lora_slots)[:, 1:].to(self.lora_dtype), slots)
 
     def _pad_decode(self, num_seqs: int, padded: int) -> None:
         """Rows num_seqs..padded of a decode step: one token each that writes nowhere (slot -1) and sees no key."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,9 @@ from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import num_blocks_for
 from engine.loader import check_max_model_len, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.logprobs import PromptLogprobs
+from engine.lora import LoraError, LoraRegistry, LoraSlots, parse_lora_modules, resolve_adapter_dir
 from engine.memory_profile import cuda_kv_cache_bytes
+from engine.model.lora import load_slot
 from engine.model.mistral import MistralForCausalLM
 from engine.model_runner import ModelRunner, PendingInputs
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
@@ -69,8 +72,17 @@ class LLMEngine:
         self.model_dir = model_dir
         self.model_config = read_model_config(model_dir)
         check_max_model_len(config, self.model_config)  # before the weights: a bad setting fails in a second
+        self.lora_registry: LoraRegistry | None = None
+        if config.is_lora_enabled:  # adapters are read and checked before the weights: a bad one fails in a second
+            self.lora_registry = LoraRegistry(self.model_config, config.max_lora_rank, config.max_cpu_loras or config.max_loras)
+            for name, path in parse_lora_modules(config.lora_modules).items():
+                self.lora_registry.add(name, resolve_adapter_dir(path, config.download_dir, config.hf_token))
         spec = RankSpec.first(config, model_dir, self.model_config, self.device, self.dtype)  # this process is rank 0
         rank = build_rank(spec, self._size_kv_cache)
+        self.lora_slots: LoraSlots | None = None
+        if self.lora_registry is not None and rank.lora_layers is not None:
+            layers = rank.lora_layers
+            self.lora_slots = LoraSlots(config.max_loras, self.lora_registry, lambda slot, a: load_slot(layers, slot, a.weights))
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
@@ -82,7 +94,7 @@ class LLMEngine:
         logger.info("max_model_len %d", self.max_model_len)
         self.fingerprint = engine_fingerprint(config, model_dir, self.dtype, self.device, self.max_model_len)
         self.block_manager = BlockManager(rank.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.lora_slots)
         self.tp_group: TensorParallelGroup | None = None
         if config.tensor_parallel_size > 1:  # starts ranks 1..N-1; raises RankFailedError, leaving no process behind
             self.tp_group = TensorParallelGroup(config, spec, rank)
@@ -94,11 +106,13 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            enforce_eager=config.enforce_eager or self.tp_group is not None,  # no CUDA graphs across ranks (yet)
+            # no CUDA graphs across ranks, nor with LoRA (the graphs are captured without adapter rows) (yet)
+            enforce_eager=config.enforce_eager or self.tp_group is not None or self.lora_slots is not None,
             cpu_decode_kernel=rank.kernel,
             tp_group=self.tp_group,
             seed=config.seed,
             is_look_ahead=config.async_scheduling,
+            num_lora_slots=config.max_loras + 1 if self.lora_slots is not None else 0,
         )
         self.requests: dict[str, Request] = {}
         self.can_look_ahead = config.async_scheduling and self.tp_group is None  # no look-ahead across ranks (yet)
@@ -141,13 +155,14 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
+        lora_id = self._lora_id(params.lora)
         stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids)
         is_scoring = params.prompt_logprobs is not None
         choices: list[Choice] = []
         for index in range(params.n):
             # Followers wait for choice 0's prompt, so the first delta carries its scores (and they reuse its blocks).
             leader = choices[0].seq if choices and (self.config.enable_prefix_caching or is_scoring) else None
-            seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), arrival_s, leader=leader)
+            seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), arrival_s, leader=leader, lora_id=lora_id)
             seq.is_scoring_prompt = is_scoring and index == 0
             generator = None
             if params.seed is not None:
@@ -165,6 +180,38 @@ class LLMEngine:
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.num_prompt_tokens += len(prompt_ids)
+
+    def _lora_id(self, name: str | None) -> int:
+        """The adapter a request names -> its id (0: the base model); raises InvalidRequestError when not served."""
+        if name is None:
+            return 0
+        if self.lora_registry is None:
+            raise InvalidRequestError(f"LoRA adapter {name!r} asked for, but this server runs no adapters", param="model")
+        try:
+            return self.lora_registry.lora_id(name)
+        except LoraError as exc:
+            raise InvalidRequestError(str(exc), param="model") from exc
+
+    # --- LoRA adapters -------------------------------------------------------------------------------------
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters served, in load order."""
+        return list(self.lora_registry.ids) if self.lora_registry is not None else []
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load and check an adapter and serve it as `name`; raises LoraError. Call it on the loop's thread."""
+        if self.lora_registry is None:
+            raise LoraError("LoRA is not enabled (set lora_modules or enable_lora_runtime_updates)")
+        self.lora_registry.add(name, resolve_adapter_dir(path, self.config.download_dir, self.config.hf_token))
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving an adapter; its running requests finish with it. Raises LoraError when it is not served."""
+        if self.lora_registry is None:
+            raise LoraError("LoRA is not enabled (set lora_modules or enable_lora_runtime_updates)")
+        lora_id = self.lora_registry.remove(name)
+        if self.lora_slots is not None:
+            self.lora_slots.forget(lora_id)
 
     def abort(self, request_id: str) -> None:
         """Forget a request; a token of it still in flight is dropped when its step is finished."""
@@ -447,7 +494,16 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
+            max_loras=self.config.max_loras if self.lora_registry is not None else 0,
+            running_lora_adapters=self._lora_names_of(self.scheduler.running),
+            waiting_lora_adapters=self._lora_names_of(self.scheduler.waiting),
         )
+
+    def _lora_names_of(self, seqs: Iterable[Sequence]) -> tuple[str, ...]:
+        if self.lora_registry is None:
+            return ()
+        names = {lora_id: name for name, lora_id in self.lora_registry.ids.items()}
+        return tuple(sorted({names[s.lora_id] for s in seqs if s.lora_id in names}))
 
 
 def _blocks_look_ahead(params: SamplingParams) -> bool:

@@ -79,6 +79,7 @@ class ModelRunner:
         tp_group: TensorParallelGroup | None = None,
         seed: int = 0,
         is_look_ahead: bool = False,
+        num_lora_slots: int = 0,  # the model's LoRA slots, slot 0 included; 0: no LoRA layers
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -93,7 +94,14 @@ class ModelRunner:
         max_num_tokens = min(max_num_batched_tokens or num_slots, num_slots, max_num_seqs * max_model_len)
         max_blocks_per_seq = -(-max_model_len // block_size)
         self.inputs = InputBatch(
-            device, block_size, max(max_num_tokens, max_num_seqs), max_num_seqs, max_blocks_per_seq, cpu_decode_kernel
+            device,
+            block_size,
+            max(max_num_tokens, max_num_seqs),
+            max_num_seqs,
+            max_blocks_per_seq,
+            cpu_decode_kernel,
+            num_lora_slots,
+            model.model.embed_tokens.weight.dtype,
         )
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:  # GPU-only speedup; eager stays the reference

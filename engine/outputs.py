@@ -76,6 +76,9 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
+    max_loras: int = 0  # LoRA adapter slots; 0: LoRA off
+    running_lora_adapters: tuple[str, ...] = ()  # adapters of running requests, and of waiting ones (sorted names)
+    waiting_lora_adapters: tuple[str, ...] = ()
 
 
 def merge_delta(total: RequestOutput, delta: RequestOutput) -> None:

@@ -15,12 +15,14 @@ from engine.gguf_checkpoint import GGUFSelectionError, pick_gguf_file
 from engine.gguf_file import read_gguf
 from engine.gguf_weights import gguf_model_config
 from engine.loader import ModelLoadError, check_max_model_len, read_model_config
+from engine.lora import LoraError, parse_lora_modules, read_adapter_config
 from engine.model.config import ModelConfig
 
 
 def check_config(config: EngineConfig) -> None:
     """Raise ConfigError for a device this machine lacks, a local model path that holds no model, or a context too long."""
     check_device(config.device)
+    check_lora_modules(config)
     model_path = _local_model_path(config)
     if model_path is None:
         return  # a Hub repo: its config.json arrives with the download, and LLMEngine checks it before the weights
@@ -36,6 +38,17 @@ def _read_config(model_path: Path) -> ModelConfig:
     if model_path.is_file():
         return gguf_model_config(read_gguf(model_path))
     return read_model_config(model_path)
+
+
+def check_lora_modules(config: EngineConfig) -> None:
+    """Each adapter of lora_modules well formed, and each local one's adapter_config.json supported (its tensors are
+    checked against the model when the engine loads)."""
+    try:
+        for path in parse_lora_modules(config.lora_modules).values():
+            if Path(path).expanduser().is_dir() or path.startswith((".", "/", "~")):
+                read_adapter_config(Path(path).expanduser(), config.max_lora_rank)
+    except LoraError as exc:
+        raise ConfigError("lora_modules", str(exc)) from exc
 
 
 def check_device(device: str | None) -> None:

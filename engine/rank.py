@@ -19,6 +19,7 @@ from engine.kv_cache import allocate_kv_cache
 from engine.loader import Quantization, load_model, quantization_of
 from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.lora import LoraLinear, attach_lora
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.model.parallel import Partition
 
@@ -40,6 +41,8 @@ class RankSpec:
     block_size: int
     kernel_dir: Path | None  # where the C decode kernel is built (fp32 on CPU); None: the PyTorch reference path
     quantization: Quantization | None = None  # weight-only quantization at load (loader.quantize); None: float weights
+    max_loras: int = 0  # LoRA adapter slots (besides slot 0, the base model); 0: no LoRA layers
+    max_lora_rank: int = 0
 
     @classmethod
     def first(
@@ -49,7 +52,9 @@ class RankSpec:
         has_kernel = device.type == "cpu" and dtype == torch.float32
         kernel_dir = cache_root(config.cache_dir) if has_kernel else None
         args = (str(model_dir), model_config, str(device), dtype, config.block_size, kernel_dir)
-        return cls(0, config.tensor_parallel_size, *args, quantization_of(config, cache_root(config.cache_dir)))
+        lora = (config.max_loras, config.max_lora_rank) if config.is_lora_enabled else (0, 0)
+        quantization = quantization_of(config, cache_root(config.cache_dir))
+        return cls(0, config.tensor_parallel_size, *args, quantization, *lora)
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class Rank:
     num_blocks: int
     num_kv_heads: int  # this rank's share of the model's K/V heads
     kernel: DecodeKernel | None  # the C decode-attention kernel for fp32 CPU caches, or None
+    lora_layers: list[dict[str, LoraLinear]] | None = None  # per layer, its LoRA-wrapped projections (model/lora.py)
 
 
 def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
@@ -67,6 +73,7 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
     partition = Partition(spec.rank, spec.world_size)
     partition.check(spec.model_config)
     model = load_model(Path(spec.model_dir), spec.model_config, device, spec.dtype, partition, spec.quantization)
+    lora_layers = attach_lora(model, spec.max_loras, spec.max_lora_rank) if spec.max_loras else None
     num_kv_heads = partition.num_kv_heads(spec.model_config)
     if not isinstance(num_blocks, int):
         num_blocks = num_blocks(model, num_kv_heads)
@@ -79,4 +86,4 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
         time.perf_counter() - start_s,
     )
     kernel = load_decode_kernel(spec.kernel_dir) if spec.kernel_dir is not None else None
-    return Rank(model, kv_cache, num_blocks, num_kv_heads, kernel)
+    return Rank(model, kv_cache, num_blocks, num_kv_heads, kernel, lora_layers)

@@ -35,6 +35,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (the first: None) plus the top k
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None  # constrain the output to a grammar (engine/structured.py)
+    lora: str | None = None  # the LoRA adapter (served name) to generate with; None: the base model
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class SamplingParams:
                 _check(isinstance(token_id, int) and token_id >= 0, "logit_bias", "keys must be token ids >= 0")
                 _check(_is_number(bias) and -100.0 <= bias <= 100.0, "logit_bias", "values must be in [-100, 100]")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        _check(self.lora is None or (isinstance(self.lora, str) and bool(self.lora)), "lora", "must be an adapter name")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
         self.stop_strings = tuple(stop)

@@ -4,6 +4,8 @@ Each step: running sequences first (decodes, and prompts still being prefilled i
 waiting sequences are admitted first come first served with as much of their prompt as the budget allows.
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed later.
+With LoRA adapters a sequence holds its adapter's slot while it runs (engine/lora.py LoraSlots); a waiting sequence
+whose adapter finds no free slot waits, and those behind it may go first.
 With look-ahead scheduling (llm_engine.py) a sequence's last token may be pending (still on the device): it is scheduled
 like a real one, but a preempted sequence is not readmitted until it is real, and a running sequence with nothing to
 compute (its pending token would end it by length, so none was added) waits.
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.lora import LoraSlots
 
 
 @dataclass(slots=True)
@@ -35,8 +41,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lora_slots: LoraSlots | None = None
+    ) -> None:
         self.block_manager = block_manager
+        self.lora_slots = lora_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -91,6 +100,9 @@ class Scheduler:
             if not self.block_manager.can_allocate(needed + reserve):
                 self.block_manager.free(seq)  # give back the prefix blocks; retried next step
                 return
+            if self.lora_slots is not None and not self.lora_slots.acquire(seq):
+                self.block_manager.free(seq)  # every adapter slot is held by running sequences: retried next step
+                continue
             self.block_manager.record_prefix_lookup(len(seq.token_ids), seq.num_computed_tokens)
             if not seq.was_scheduled:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -106,6 +118,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        if self.lora_slots is not None:
+            self.lora_slots.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -114,6 +128,8 @@ class Scheduler:
         """Remove a finished or aborted sequence and free its blocks at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            if self.lora_slots is not None:
+                self.lora_slots.release(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

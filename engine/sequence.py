@@ -39,6 +39,8 @@ class Sequence:
     # reads it on the device, and the engine replaces it when that step is finished.
     has_pending_token: bool = False
     was_scheduled: bool = False
+    lora_id: int = 0  # the LoRA adapter it runs (engine/lora.py); 0: the base model
+    lora_slot: int = 0  # the model's adapter slot it holds while running (LoraSlots); 0: none
     first_scheduled_s: float | None = None
 
     def __len__(self) -> int:

@@ -28,6 +28,7 @@ from gateway.completions import create_completion
 from gateway.errors import APIError, handle_api_error, handle_http_exception
 from gateway.health import health, list_models, retrieve_model
 from gateway.loading import load_engine
+from gateway.lora import load_lora_adapter, unload_lora_adapter
 from gateway.metrics import metrics_endpoint
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_spec
@@ -90,6 +91,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+        Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),

@@ -74,7 +74,7 @@ async def create_chat_completion(request: Request) -> Response:
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests, tool_format = await submit_chat(state, response_id, body)
     fingerprint = state.system_fingerprint(state.require_engine())
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.logprobs, fingerprint, tool_format)
+    reply = _Reply(response_id, int(time.time()), body.model, body.logprobs, fingerprint, tool_format)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.n, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))

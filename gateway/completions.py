@@ -87,7 +87,7 @@ async def create_completion(request: Request) -> Response:
     echoes = [_prompt_text(engine, prompt) if body.echo else "" for prompt in prompts]
     has_logprobs = body.logprobs is not None
     fingerprint = state.system_fingerprint(engine)
-    reply = _Reply(response_id, int(time.time()), state.settings.model_name, body.n, echoes, has_logprobs, fingerprint)
+    reply = _Reply(response_id, int(time.time()), body.model, body.n, echoes, has_logprobs, fingerprint)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.include_usage, engine)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))

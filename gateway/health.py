@@ -24,22 +24,26 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _model_card(state: GatewayState) -> ModelCard:
-    engine = state.require_engine()
-    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=engine.max_model_len)
+def _model_cards(state: GatewayState) -> list[ModelCard]:
+    """The served model, then its LoRA adapters (parent: the served model)."""
+    engine, base = state.require_engine(), state.settings.model_name
+    cards = [ModelCard(id=base, created=state.created, max_model_len=engine.max_model_len)]
+    for name in state.lora_names:
+        cards.append(ModelCard(id=name, created=state.created, max_model_len=engine.max_model_len, parent=base))
+    return cards
 
 
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
-    return Response(ModelList(data=[_model_card(state)]).model_dump_json(), media_type="application/json")
+    return Response(ModelList(data=_model_cards(state)).model_dump_json(exclude_none=True), media_type="application/json")
 
 
 async def retrieve_model(request: Request) -> Response:
     """The route takes the rest of the path: Hub ids hold a slash (the SDK sends it as %2F, which arrives decoded)."""
     state: GatewayState = request.app.state.gateway
     model_id = request.path_params["model_id"]
-    served = state.settings.model_name
-    if model_id != served:
-        message = f"The model `{model_id}` does not exist. This server serves: `{served}`."
+    cards = {card.id: card for card in _model_cards(state)}
+    if model_id not in cards:
+        message = f"The model `{model_id}` does not exist. This server serves: {', '.join(f'`{name}`' for name in cards)}."
         raise APIError(404, message, param="model", code="model_not_found")
-    return Response(_model_card(state).model_dump_json(), media_type="application/json")
+    return Response(cards[model_id].model_dump_json(exclude_none=True), media_type="application/json")

@@ -58,6 +58,22 @@ class EngineStatsCollector(Collector):
         )
         cache_config.add_metric([str(self._block_size), str(stats.num_kv_blocks)], 1)
         yield cache_config
+        if stats.max_loras:
+            yield from _lora_info(stats)
+
+
+def _lora_info(stats: EngineStats) -> Iterator[Metric]:
+    """The adapters running and waiting, as the Gateway API Inference Extension's model-server protocol reads them:
+    `vllm:lora_requests_info` (prometheus_client takes the colon) with comma-separated names in labels and the
+    snapshot's time as its value (the picker reads the newest series), and a `sirocco_` twin."""
+    labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
+    values = [str(stats.max_loras), ",".join(stats.running_lora_adapters), ",".join(stats.waiting_lora_adapters)]
+    for name in ("vllm:lora_requests_info", "sirocco_lora_requests_info"):
+        info = GaugeMetricFamily(
+            name, "LoRA adapters of running and waiting requests; value: the snapshot's Unix time", labels=labels
+        )
+        info.add_metric(values, time.time())
+        yield info
 
 
 class Metrics:
@@ -96,6 +112,9 @@ class Metrics:
         )
         for endpoint in ENDPOINTS:
             self.received.labels(endpoint)
+        self.lora_requests = Counter(
+            "sirocco_lora_requests", "Requests received for each LoRA adapter", ["lora_name"], registry=self.registry
+        )
         self.registry.register(EngineStatsCollector(read_stats, settings.block_size))
 
     def render(self) -> bytes:

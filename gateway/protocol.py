@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -363,7 +364,12 @@ class ChatCompletionRequest(GenerationRequest):
         return [message.as_engine_message(index) for index, message in enumerate(self.messages)]
 
 
-def check_model(requested: str, served: str) -> None:
+def check_model(requested: str, served: str, adapters: Sequence[str] = ()) -> str | None:
+    """404 unless `requested` is the served model or one of its LoRA adapters -> the adapter's name, or None."""
+    if requested in adapters:
+        return requested
     if requested != served:
-        message = f"The model `{requested}` does not exist; this server serves `{served}` (GET /v1/models lists it)."
+        names = ", ".join(f"`{name}`" for name in (served, *adapters))
+        message = f"The model `{requested}` does not exist; this server serves {names} (GET /v1/models lists them)."
         raise APIError(404, message, param="model", code="model_not_found")
+    return None

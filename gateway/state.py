@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine import EngineClient, EngineStats
+from engine import EngineClient, EngineStats, LoraClient
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.response_store import ResponseStore
@@ -49,6 +49,11 @@ class GatewayState:
         """Shut the engine down on a daemon thread: every pending request fails with the engine-dead error at once."""
         if self.engine is not None:
             threading.Thread(target=self.engine.shutdown, name="sirocco-engine-stop", daemon=True).start()
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters the engine serves (none while loading, or when the engine serves none)."""
+        return list(self.engine.lora_names) if isinstance(self.engine, LoraClient) else []
 
     def system_fingerprint(self, engine: EngineClient) -> str:
         """OpenAI's `system_fingerprint`: `fp_` + a short hash of the served name and the engine's own fingerprint."""

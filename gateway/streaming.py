@@ -151,11 +151,14 @@ async def submit(
     settings = state.settings
     if settings.log_requests:  # opt-in only: bodies and prompts may hold private data
         logger.info("request %s body %s", request_id, body.model_dump_json(exclude_none=True, by_alias=True))
-    check_model(body.model, settings.model_name)
+    adapter = check_model(body.model, settings.model_name, state.lora_names)
     body.check(settings)
     constraint = tool_constraint or request_constraint(body)
     structured = constraint.outputs if constraint is not None else None
     params = body.sampling_params(settings.max_tokens_limit, structured, skip_special_tokens)
+    params.lora = adapter
+    if adapter is not None:
+        state.metrics.lora_requests.labels(adapter).inc()
     requests = EngineRequests(state.require_engine(), state.metrics, request_id, prompts, params)
     try:
         await requests.start()

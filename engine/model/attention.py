@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.model.cpu_attention import DecodeKernel
+from engine.model.lora import LoraBatch
 
 
 @dataclass(slots=True)
@@ -31,6 +32,7 @@ class AttentionMetadata:
     max_seq_len: int
     is_decode_only: bool
     cpu_decode_kernel: DecodeKernel | None = None  # fp32 CPU decodes through C instead of gather + SDPA
+    lora: LoraBatch | None = None  # the step's adapter rows; None: no sequence of the step runs an adapter
     # The C kernel's (block_tables, seq_lens, q_rows) of this step's decodes, selected and checked by the first layer
     # and reused by the others (they are the same in every layer).
     cpu_decode_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

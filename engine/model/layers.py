@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.lora import LoraBatch, project
 from engine.model.parallel import Partition, RowParallelLinear
 
 
@@ -98,12 +99,12 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = RowParallelLinear(self.intermediate_size, config.hidden_size, partition)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        gate_up = project(self.gate_up_proj, x, lora)  # [num_tokens, 2 * intermediate]
         if gate_up.is_cuda:  # GPU-only speedup: one kernel instead of silu and mul
             from engine.model import triton_layers
 
-            return self.down_proj(triton_layers.silu_mul(gate_up))
+            return project(self.down_proj, triton_layers.silu_mul(gate_up), lora)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [num_tokens, intermediate] x2
         # silu(gate) * up in place of gate: no two new [num_tokens, intermediate] tensors, the same values
-        return self.down_proj(nn.functional.silu(gate, inplace=True).mul_(up))
+        return project(self.down_proj, nn.functional.silu(gate, inplace=True).mul_(up), lora)

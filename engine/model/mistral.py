@@ -13,6 +13,7 @@ from torch import nn
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.config import ModelConfig
 from engine.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.model.lora import project
 from engine.model.parallel import WHOLE, Partition, RowParallelLinear
 
 # Hugging Face module name -> (our fused module name, shard index). Shard sizes come from the model config.
@@ -45,7 +46,7 @@ class MistralAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = project(self.qkv_proj, x, meta.lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -58,7 +59,7 @@ class MistralAttention(nn.Module):
             q, k = self.rotary_emb(positions, q, k)
             write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], meta, self.scale, self.sliding_window)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return project(self.o_proj, out.reshape(num_tokens, self.q_size), meta.lora)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -84,7 +85,7 @@ class MistralDecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm.add_and_norm(x, residual)
         x, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(positions, x, kv, meta), residual)
-        return self.mlp(x), residual
+        return self.mlp(x, meta.lora), residual
 
 
 class MistralModel(nn.Module):

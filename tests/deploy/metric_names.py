@@ -17,12 +17,16 @@ COUNTERS = (
     "sirocco_preemptions_total",
     "sirocco_prefix_cache_queries_total",
     "sirocco_prefix_cache_hits_total",
+    "sirocco_lora_requests_total",  # label lora_name: requests received per LoRA adapter
 )
 GAUGES = (
     "sirocco_requests_running",
     "sirocco_requests_waiting",
     "sirocco_kv_cache_usage_ratio",
     "sirocco_cache_config_info",  # always 1; labels block_size and num_kv_blocks (read by an inference gateway's picker)
+    # With LoRA only; labels max_lora, running_lora_adapters, waiting_lora_adapters; value: the snapshot's time. Also
+    # exported as vllm:lora_requests_info, the model-server protocol's name.
+    "sirocco_lora_requests_info",
 )
 METRIC_NAMES = HISTOGRAMS + COUNTERS + GAUGES
 

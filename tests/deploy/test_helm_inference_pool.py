@@ -131,6 +131,18 @@ def test_picker_reads_the_servers_metric_names(rendered: dict[str, Rendered]) ->
     assert set(specs) <= set(GAUGES) and set(specs) <= set(METRIC_NAMES)
 
 
+def test_lora_adapters_turn_on_the_lora_affinity_scorer(helm: Path) -> None:
+    result = render(helm, ["--set", "inferencePool.enabled=true", "--set", "sirocco.lora_modules=support=/adapters/support"])
+    config = epp_config(result)
+    [engine] = plugin(config, "core-metrics-extractor")["parameters"]["engineConfigs"]
+    assert engine["loraSpec"] == "sirocco_lora_requests_info" and engine["loraSpec"] in GAUGES
+    plugin(config, "lora-affinity-scorer")
+    [profile] = config["schedulingProfiles"]
+    assert {"pluginRef": "lora-affinity-scorer", "weight": 2} in profile["plugins"]
+    env = env_by_name(result)
+    assert env["SIROCCO_LORA_MODULES"]["value"] == "support=/adapters/support"
+
+
 def test_every_scheduling_plugin_is_declared(rendered: dict[str, Rendered]) -> None:
     config = epp_config(rendered[SCENARIO])
     declared = [p["type"] for p in config["plugins"]]

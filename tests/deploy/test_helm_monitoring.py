@@ -147,4 +147,4 @@ def test_service_monitor_scrapes_metrics_of_the_service(rendered: dict[str, Rend
 
 def test_histograms_are_in_the_metric_list() -> None:
     assert set(HISTOGRAMS) <= set(METRIC_NAMES)
-    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 14
+    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 17

@@ -95,6 +95,9 @@ def test_serve_help_shows_each_default_and_variable(capsys: pytest.CaptureFixtur
         ({"block_size": 0}, "--block-size / SIROCCO_BLOCK_SIZE: block_size must be 8, 16, 32, 64 or 128 (got 0)"),
         ({"model": "/nonexistent"}, "--model / SIROCCO_MODEL: model path '/nonexistent' does not exist"),
         ({"device": "mps"}, "--device / SIROCCO_DEVICE: device 'mps' is not supported; use cpu, cuda or cuda:N"),
+        ({"lora_modules": "a=/none"}, "--lora-modules / SIROCCO_LORA_MODULES: LoRA adapter /none needs adapter_config.json"),
+        ({"lora_modules": "a"}, "--lora-modules / SIROCCO_LORA_MODULES: lora_modules entry 'a' is not name=path"),
+        ({"max_loras": 4, "max_cpu_loras": 2}, "--max-cpu-loras / SIROCCO_MAX_CPU_LORAS: max_cpu_loras (2) must be at least"),
     ],
 )
 def test_bad_settings_fail_before_loading(settings: dict, expected: str) -> None:

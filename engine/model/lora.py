@@ -1,0 +1,116 @@
+"""LoRA on the model's projections: slot-stacked A/B matrices and one batched low-rank update per projection.
+
+Every adapted projection (qkv_proj, o_proj, gate_up_proj, down_proj) is wrapped in a LoraLinear that keeps its base
+layer as it is (float or any other weight format) and adds, for each token row, the update of the adapter in that
+row's slot: out = base(x) + B_slot A_slot x. Slot 0 is the base model: it holds no matrices and its rows' mask is 0.
+
+The update is computed for the whole batch at once, never looping over adapters: x times the A matrices of every slot
+side by side ([num_tokens, num_slots * parts * max_rank], "shrink"), masked to each row's own slot by the step's
+one-hot slot mask, times the B matrices of every slot stacked ("expand"). A fused projection (q|k|v, gate|up) keeps
+one A per part and a block-diagonal B, so its update equals PEFT's separate updates of each part exactly. Ranks below
+max_rank are padded with zeros. A base-model row's update is an exact zero, so its output is the base model's.
+On CUDA two gathered Triton kernels (triton_lora.py) replace the masked products: each row reads only its own slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Our module -> the PEFT modules it fuses, in the order of its output rows
+FUSED_PARTS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+@dataclass(slots=True)
+class LoraBatch:
+    """One step's adapter rows, built by the model runner (input_batch.py) and passed in the attention metadata."""
+
+    mask: torch.Tensor  # [num_tokens, max_loras] in the model's dtype: 1 at each row's slot 1..max_loras, else 0
+    slots: torch.Tensor  # [num_tokens] int64, each row's slot (0: no adapter), for the CUDA kernels
+
+
+class LoraLinear(nn.Module):
+    """A base linear layer plus adapter slots 1..max_loras (stored at index slot - 1)."""
+
+    def __init__(self, base: nn.Module, part_sizes: list[int], max_loras: int, max_rank: int, like: torch.Tensor) -> None:
+        """`like`: a tensor of the model's activation dtype and device (the embedding matrix)."""
+        super().__init__()
+        self.base = base  # any linear layer with in_features (float or another weight format)
+        self.part_sizes = part_sizes
+        self.max_rank = max_rank
+        width = len(part_sizes) * max_rank  # one max_rank block of A rows per fused part
+        in_features, out_features = base.in_features, sum(part_sizes)
+        kwargs = {"device": like.device, "dtype": like.dtype}
+        # Each slot's block is contiguous, so loading an adapter writes whole rows
+        self.lora_a = torch.zeros(max_loras, width, in_features, **kwargs)  # [max_loras, parts * max_rank, in]: A
+        self.lora_b = torch.zeros(max_loras, width, out_features, **kwargs)  # [max_loras, parts * max_rank, out]: B^T
+
+    def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Write one adapter into `slot` (1..max_loras): per fused part (A [r, in], B [out_part, r]) or None."""
+        index = slot - 1
+        self.lora_a[index].zero_()
+        self.lora_b[index].zero_()
+        row = 0
+        for part_index, (part, size) in enumerate(zip(parts, self.part_sizes, strict=True)):
+            if part is not None:
+                a, b = part
+                rank, start = a.shape[0], part_index * self.max_rank
+                self.lora_a[index, start : start + rank].copy_(a)
+                self.lora_b[index, start : start + rank, row : row + size].copy_(b.t())
+            row += size
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """x [num_tokens, in] -> [num_tokens, out]: the base output plus each row's adapter update (none: the base's)."""
+        out = self.base(x)
+        if lora is None:  # a step without adapter rows
+            return out
+        if out.is_cuda:  # GPU-only: each row reads only its own slot's matrices (triton_lora.py)
+            from engine.model import triton_lora  # Triton comes with CUDA builds of torch; CPU installs need not have it
+
+            return triton_lora.add_lora(out, x, self.lora_a, self.lora_b, lora.slots)
+        num_tokens, num_slots, width = x.shape[0], self.lora_b.shape[0], self.lora_b.shape[1]
+        shrink = nn.functional.linear(x, self.lora_a.view(num_slots * width, -1))  # [num_tokens, num_slots * width]
+        shrink = shrink.view(num_tokens, num_slots, width).mul_(lora.mask.unsqueeze(-1))  # other slots' columns: 0
+        update = shrink.view(num_tokens, -1) @ self.lora_b.view(num_slots * width, -1)  # [num_tokens, out]
+        return out.add_(update)
+
+
+def project(layer: nn.Module, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    """layer(x), plus the step's adapter updates when the step runs adapters (the layer is then a LoraLinear)."""
+    return layer(x) if lora is None else layer(x, lora)
+
+
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> list[dict[str, LoraLinear]]:
+    """Wrap every decoder layer's projections in LoraLinear -> per layer, our module name -> its LoraLinear."""
+    wrapped, like = [], model.model.embed_tokens.weight
+    for layer in model.model.layers:
+        sizes = {
+            "qkv_proj": model.packed_shard_sizes("qkv_proj"),
+            "gate_up_proj": model.packed_shard_sizes("gate_up_proj"),
+            "o_proj": [layer.self_attn.o_proj.out_features],
+            "down_proj": [layer.mlp.down_proj.out_features],
+        }
+        owners = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn, "gate_up_proj": layer.mlp, "down_proj": layer.mlp}
+        modules = {}
+        for name, owner in owners.items():
+            modules[name] = LoraLinear(getattr(owner, name), sizes[name], max_loras, max_rank, like)
+            setattr(owner, name, modules[name])
+        wrapped.append(modules)
+    return wrapped
+
+
+AdapterWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, PEFT module) -> (A, B scaled)
+
+
+def load_slot(wrapped: list[dict[str, LoraLinear]], slot: int, weights: AdapterWeights) -> None:
+    """Write one adapter's weights ((layer, PEFT module) -> (A, B scaled)) into `slot` of every LoRA layer."""
+    for index, modules in enumerate(wrapped):
+        for name, linear in modules.items():
+            linear.set_slot(slot, [weights.get((index, part)) for part in FUSED_PARTS[name]])
