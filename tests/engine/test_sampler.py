@@ -79,6 +79,18 @@ def test_draws_follow_the_distribution_and_the_seed() -> None:
     assert picks == again
 
 
+def test_draws_never_land_on_a_zero_probability_token_and_match_each_probability() -> None:
+    # zeros between, before and after the live tokens: the inverse-CDF draw must step over every flat stretch
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.25, 0.0, 0.25, 0.0]])
+    sampler = Sampler(seed=3)
+    unseeded = [SampleRow(SamplingParams(), None, Sequence("r", 0, [], 0, arrival_s=0.0), frozenset({7})) for _ in range(8)]
+    picks = [sampler(torch.log(probs).expand(8, -1).clone(), unseeded).token_ids for _ in range(500)]  # 4000 shared draws
+    flat = [t for step in picks for t in step]
+    assert set(flat) == {1, 4, 6}
+    for token, p in ((1, 0.5), (4, 0.25), (6, 0.25)):
+        assert abs(flat.count(token) / len(flat) - p) < 0.03, (token, flat.count(token) / len(flat))
+
+
 def test_rows_are_independent_of_their_batch() -> None:
     values = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.8, top_p=0.9)
