@@ -77,8 +77,9 @@ def prompts(offset: int, count: int) -> list[str]:
 
 
 async def one_request(client: openai.AsyncOpenAI, spec: ServerSpec, prompt: str, seed: int, max_tokens: int) -> Reply:
-    # llama-cpp-python's server has no ignore_eos; it reports no usage in streams, so its tokens are its text chunks
-    extra = {"ignore_eos": True} if spec.kind in ("sirocco", "vllm") else {}
+    # llama-cpp-python's server has no ignore_eos but min_tokens (EOS masked until then); it may send no usage in
+    # streams, and then its tokens are counted as its text chunks (one per token)
+    extra = {"min_tokens": max_tokens} if spec.kind == "llama-cpp" else {"ignore_eos": True}
     start_s = time.perf_counter()
     ttft_s, num_chunks, usage_tokens = 0.0, 0, None
     stream = await client.chat.completions.create(
@@ -116,7 +117,7 @@ async def run_level(base_url: str, spec: ServerSpec, level: Level, offset: int, 
         replies = await asyncio.wait_for(asyncio.gather(*requests), LEVEL_TIMEOUT_S)
         wall_s = time.perf_counter() - start_s
     num_tokens = sum(r.num_tokens for r in replies)
-    ttft = [r.ttft_s for r in replies]
+    ttft = [r.ttft_s for r in replies if r.num_tokens > 0]  # a reply with no text has no first token
     return {
         "concurrency": level.concurrency,
         "requests": level.num_requests,
@@ -148,6 +149,7 @@ def wait_exited(process: subprocess.Popen[bytes], base_url: str) -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     while True:
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
             try:
                 sock.bind(("127.0.0.1", port))
                 return
@@ -197,7 +199,7 @@ def bench_server(spec: ServerSpec, run_index: int, args: argparse.Namespace, sha
                 "model": spec.model, "env": spec.env, "startup_s": round(startup_s, 1), "load_avg_1m_before": load_before,
                 "load_avg_1m_after": round(os.getloadavg()[0], 2), "cpus": shared["cpus"], "commit": shared["commit"],
                 "versions": server_versions,
-            }, args.out)  # fmt: skip
+            } | ({"peer_threads": args.peer_threads} if spec.kind == "llama-cpp" else {}), args.out)  # fmt: skip
     finally:
         wait_exited(process, base_url)
 
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     order = server_order(args)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     for kind in sorted({spec.kind for spec in order} - {"sirocco"}):
         ensure_peer(kind, Path(args.peer_dir) / kind, Path(args.log_dir) / f"cpu-peers-install-{kind}.log")
     shared = {"commit": git_commit(), "cpus": num_cores()}

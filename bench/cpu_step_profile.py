@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     llm = LLM(cache_dir=args.cache_dir, max_num_seqs=max(batches), num_threads=args.threads, kv_cache_gib=0.5)
-    base = {"threads": torch.get_num_threads(), "load_avg_1m": 0.0, **versions()}
+    base = {"threads": torch.get_num_threads(), **versions()}
     eager_tokens = greedy_tokens(llm, 8) if args.compile else []
     for batch in batches:
         emit(profile_batch(llm, batch, args, "eager") | base | {"load_avg_1m": round(os.getloadavg()[0], 2)}, args.out)

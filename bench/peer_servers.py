@@ -143,5 +143,6 @@ def peer_command(spec: ServerSpec, peer_dir: Path, port: int, num_threads: int) 
         return [
             python, "-m", "llama_cpp.server", "--model", spec.model, "--model_alias", spec.name,
             "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(num_threads), "--n_ctx", "2048",
+            "--interrupt_requests", "False",  # its default drops the streaming request when the next one arrives
         ]  # fmt: skip
     raise ValueError(f"unknown peer kind {spec.kind!r}")
