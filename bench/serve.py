@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,12 +127,18 @@ def _free_port() -> int:
 
 
 def start_server(
-    env: dict[str, str], log_path: Path | None = None, ready_timeout_s: float = 600.0
+    env: dict[str, str],
+    log_path: Path | None = None,
+    ready_timeout_s: float = 600.0,
+    peer_command: Callable[[int], list[str]] | None = None,
+    ready_path: str = "/health",
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`sirocco serve` (python -m gateway serve) on a free loopback port; returns once /health answers 200.
-    `log_path`: append the server's output there (None: this process's stdout and stderr)."""
+    """`sirocco serve` (python -m gateway serve) on a free loopback port; returns once `ready_path` answers 200.
+    `log_path`: append the server's output there (None: this process's stdout and stderr). `peer_command(port)`:
+    another server's command line instead (bench/cpu_peers.py starts vLLM and llama.cpp with it)."""
     port = _free_port()
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = peer_command(port) if peer_command is not None else command
     if log_path is None:
         process = subprocess.Popen(command, env=env)
     else:
@@ -141,7 +148,7 @@ def start_server(
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base_url}{ready_path}", timeout=1).status_code == 200:
                 return process, base_url
         except httpx.TransportError:
             pass
