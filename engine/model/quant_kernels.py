@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
-# From this many rows on, dequantize + float GEMM beats the integer kernel (bench/quant_kernels.py, 2-core Xeon, CPU ms
-# at 576 -> 1728: int8 rows 64 1.35 dot vs 1.61 GEMM, rows 128 2.99 vs 2.49; int4 rows 128 2.26 vs 2.44, 256 4.17 vs 3.95).
-MIN_GEMM_ROWS = {"int4": 256, "int8": 96}
+# From this many rows on, dequantize + float GEMM beats the kernel (float FMAs: 8 products per instruction, so its cost
+# grows with the rows much faster than a GEMM's). CPU ms at 576 -> 1728, one thread, 2-core Xeon (/tmp micro-benchmark
+# of QuantKernel.linear, 10 weights): int4 rows 12 0.65 kernel vs 0.82 GEMM, rows 16 0.87 vs 0.71; int8 alike.
+MIN_GEMM_ROWS = {"int4": 16, "int8": 16}
 
 
 @dataclass(frozen=True, slots=True)
