@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
 # From this many rows on, dequantize + float GEMM beats the kernel (float FMAs: 8 products per instruction, so its cost
-# grows with the rows much faster than a GEMM's). CPU ms at 576 -> 1728, one thread, 2-core Xeon (/tmp micro-benchmark
-# of QuantKernel.linear, 10 weights): int4 rows 12 0.65 kernel vs 0.82 GEMM, rows 16 0.87 vs 0.71; int8 alike.
+# grows with the rows much faster than a GEMM's). bench/quant_kernels.py, CPU ms at 576 -> 1728, one thread, 2-core
+# Xeon: int4 rows 12 0.67 kernel vs 0.79 GEMM, rows 16 0.87 vs 0.73; int8 rows 12 0.67 vs 0.81, 16 0.90 vs 0.73.
 MIN_GEMM_ROWS = {"int4": 16, "int8": 16}
 
 
