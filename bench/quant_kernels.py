@@ -2,7 +2,7 @@
 
 Each timed pass runs one call on each of `copies` distinct weights (30, as the model's layers; 3 for the lm_head), so
 weights come from memory as in a decode step, not from a warm cache. Methods: f32 (F.linear), torch's weight-only ops
-(torch_int8pc: _weight_int8pack_mm per-channel; torch_int4: _weight_int4pack_mm_for_cpu), and ours: the C integer-dot
+(torch_int8pc: _weight_int8pack_mm per-channel; torch_int4: _weight_int4pack_mm_for_cpu), and ours: the C float-activation
 kernel (int8 / int4, `dot`) and dequantize + float GEMM (`gemm`) per group size. One JSON line per (threads, shape,
 batch, method): ms per call and weight GB/s (the bytes each call reads of its weight).
 
@@ -74,7 +74,7 @@ def methods(
 
 
 def _dot(kernel: QuantKernel, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """The integer-dot kernel whatever the batch size (linear() would switch to the GEMM path for large batches)."""
+    """The C kernel whatever the batch size (linear() would switch to the GEMM path for large batches)."""
     saved = dict(quant_kernels.MIN_GEMM_ROWS)
     quant_kernels.MIN_GEMM_ROWS.update(int4=1 << 30, int8=1 << 30)
     try:

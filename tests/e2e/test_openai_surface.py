@@ -85,9 +85,8 @@ def test_scoring_a_text_as_lm_evaluation_harness_does(client: openai.OpenAI) -> 
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     # The continuation's tokens were the greedy choice: each is its position's top token, with the logprob it had.
     assert lp.tokens[-2:] == gen_logprobs.tokens
-    # Not bit-equal: decode and prefill take different attention paths, and the embedded model's quantized layers round
-    # their inputs to int8, which turns a float-order difference upstream into one rounding step now and then (1e-2).
-    assert lp.token_logprobs[-2:] == pytest.approx(gen_logprobs.token_logprobs, abs=1e-2)
+    # Not bit-equal: decode and prefill take different attention paths (float summation order only).
+    assert lp.token_logprobs[-2:] == pytest.approx(gen_logprobs.token_logprobs, abs=2e-3)
     assert all(
         max(top.values()) == pytest.approx(value, abs=1e-6)
         for top, value in zip(lp.top_logprobs[-2:], lp.token_logprobs[-2:], strict=True)
