@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.embedded import GGUF_FILE, embedded_model_dir, find_gguf_dir
+from engine.embedded import GGUF_FILE, embedded_float32_dir, find_gguf_dir
 
 PEER_KINDS = ("vllm", "llama-cpp")
 INSTALL_TIMEOUT_S = 3600.0  # llama-cpp-python compiles llama.cpp from source: about 20 minutes on 2 busy cores
@@ -43,7 +43,7 @@ class ServerSpec:
 def model_path(name: str, cache_dir: str) -> str:
     """`float32` (the embedded model converted to safetensors in cache_dir), `gguf` (the shipped GGUF file), or a path."""
     if name in ("", "float32"):
-        return str(embedded_model_dir(cache_dir=cache_dir).resolve())
+        return str(embedded_float32_dir(cache_dir=cache_dir).resolve())
     if name == "gguf":
         return str(find_gguf_dir() / GGUF_FILE)
     return name
