@@ -197,6 +197,13 @@ def time_to_first_token(engine: LLMEngine, num_requests: int, prompt_len: int, s
 # --- main -------------------------------------------------------------------------------------------------------
 
 
+def add_engine_size_args(p: argparse.ArgumentParser) -> None:
+    """The engine's batch and memory flags, as this benchmark and bench.gpu_serve both size it."""
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, small workload: checks the script end to end")
@@ -213,9 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--ttft-requests", type=int, default=10)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_size_args(p)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--async-scheduling", action="store_true", help="look-ahead scheduling (EngineConfig.async_scheduling)")
     p.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ import httpx
 import torch
 
 from bench.common import describe_device, emit, free_memory, versions
-from bench.gpu import BenchRequest, make_workload, run_workload
+from bench.gpu import BenchRequest, add_engine_size_args, make_workload, run_workload
 from bench.serve import percentile, settings_env, start_server, stop_server
 from engine import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -133,9 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=4, help="load-generator processes sharing the streams")
     p.add_argument("--ttft-clients", type=int, default=4)
     p.add_argument("--ttft-requests", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_size_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", default=None, help="server logs (default: the system temp dir)")
     p.add_argument("--out", default=None, help="append JSON lines here")

@@ -28,6 +28,7 @@ from gateway.replies import (
     DeltaMessage,
     FunctionCallDelta,
     FunctionCallOut,
+    ReplyHead,
     ToolCallDelta,
     ToolCallOut,
     UsageInfo,
@@ -43,25 +44,14 @@ _NO_TEMPLATE_INFO = ChatTemplateInfo(renders_tools=False, has_tool_calls_token=F
 
 
 @dataclass(frozen=True)
-class _Reply:
+class _Reply(ReplyHead):
     """What every chunk of one response shares."""
 
-    id: str
-    created: int
-    model: str
     has_logprobs: bool
-    system_fingerprint: str
     tool_format: ToolFormat | None  # None: the output is not parsed for tool calls
 
     def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=usage,
-            system_fingerprint=self.system_fingerprint,
-        )
+        return self.envelope(ChatCompletionChunk, choices, usage)
 
     def logprobs(self, entries: list[TokenLogprobs] | None) -> ChatLogprobs | None:
         return chat_logprobs(entries or []) if self.has_logprobs else None
@@ -74,7 +64,7 @@ async def create_chat_completion(request: Request) -> Response:
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests, tool_format = await submit_chat(state, response_id, body)
     fingerprint = state.system_fingerprint(state.require_engine())
-    reply = _Reply(response_id, int(time.time()), body.model, body.logprobs, fingerprint, tool_format)
+    reply = _Reply(response_id, int(time.time()), body.model, fingerprint, has_logprobs=body.logprobs, tool_format=tool_format)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.n, body.include_usage)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))
@@ -83,14 +73,7 @@ async def create_chat_completion(request: Request) -> Response:
         return Response(status_code=499)  # the client is gone; nobody reads this
     totals, usages = result
     choices = [_choice(reply, index, total) for index, total in enumerate(totals)]
-    response = ChatCompletionResponse(
-        id=reply.id,
-        created=reply.created,
-        model=reply.model,
-        choices=choices,
-        usage=UsageInfo.total(usages),
-        system_fingerprint=reply.system_fingerprint,
-    )
+    response = reply.envelope(ChatCompletionResponse, choices, UsageInfo.total(usages))
     return Response(response.model_dump_json(), media_type="application/json")
 
 

@@ -21,6 +21,7 @@ from gateway.replies import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    ReplyHead,
     UsageInfo,
     completion_logprobs,
     public_finish_reason,
@@ -30,26 +31,15 @@ from gateway.streaming import EngineRequests, collect_unless_disconnected, sse_e
 
 
 @dataclass(frozen=True)
-class _Reply:
+class _Reply(ReplyHead):
     """What every chunk of one response shares."""
 
-    id: str
-    created: int
-    model: str
     n: int
     echoes: list[str]  # per prompt: its text when echo is on, else ""
     has_logprobs: bool
-    system_fingerprint: str
 
     def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=usage,
-            system_fingerprint=self.system_fingerprint,
-        )
+        return self.envelope(CompletionResponse, choices, usage)
 
     def logprobs(self, entries: list[TokenLogprobs] | None, text_offset: int) -> CompletionLogprobs | None:
         return completion_logprobs(entries or [], text_offset) if self.has_logprobs else None
@@ -87,7 +77,7 @@ async def create_completion(request: Request) -> Response:
     echoes = [_prompt_text(engine, prompt) if body.echo else "" for prompt in prompts]
     has_logprobs = body.logprobs is not None
     fingerprint = state.system_fingerprint(engine)
-    reply = _Reply(response_id, int(time.time()), body.model, body.n, echoes, has_logprobs, fingerprint)
+    reply = _Reply(response_id, int(time.time()), body.model, fingerprint, n=body.n, echoes=echoes, has_logprobs=has_logprobs)
     if body.stream:
         chunks = _stream_chunks(requests, reply, body.include_usage, engine)
         return sse_response(sse_events(requests, chunks, state.settings.retry_after_s))

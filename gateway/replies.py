@@ -6,7 +6,8 @@ Split from protocol.py (requests) to keep each under one screenful of models; bo
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -157,6 +158,30 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+
+
+_Envelope = TypeVar("_Envelope", CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
+
+
+@dataclass(frozen=True)
+class ReplyHead:
+    """What a whole response and every stream chunk of it share, completion or chat."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+    def envelope(self, envelope_type: type[_Envelope], choices: list[Any], usage: UsageInfo | None) -> _Envelope:
+        """An `envelope_type` (a whole response or one stream chunk) around `choices`."""
+        return envelope_type(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=self.system_fingerprint,
+        )
 
 
 class ModelCard(BaseModel):

@@ -18,13 +18,9 @@ DEFAULT_TIMEOUT_S = 120.0
 def wait_until(condition: Callable[[], T], what: str, timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = 0.05) -> T:
     """Poll `condition` until it returns something truthy and return that; AssertionError naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last value: {value!r})")
+    while not (value := _poll(condition, what, timeout_s, deadline)):
         time.sleep(poll_s)
+    return value
 
 
 async def async_wait_until(
@@ -32,10 +28,14 @@ async def async_wait_until(
 ) -> T:
     """wait_until for coroutines: polls without blocking the event loop."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last value: {value!r})")
+    while not (value := _poll(condition, what, timeout_s, deadline)):
         await asyncio.sleep(poll_s)
+    return value
+
+
+def _poll(condition: Callable[[], T], what: str, timeout_s: float, deadline: float) -> T:
+    """One call of `condition`, its value returned (falsy: not yet); AssertionError naming `what` once past the deadline."""
+    value = condition()
+    if not value and time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last value: {value!r})")
+    return value

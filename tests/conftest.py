@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are 
 import pathlib
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,6 @@ def write_tiny_mistral(
     max_position_embeddings: int = 512,
 ) -> pathlib.Path:
     """A tiny random MistralForCausalLM (fixed seed, safetensors) with SmolLM2's tokenizer files beside it."""
-    import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -62,9 +62,16 @@ def write_tiny_mistral(
         tie_word_embeddings=False,
         initializer_range=0.1,  # large enough that logits differ meaningfully between tokens
     )
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config)  # float32, weights drawn with std initializer_range
-    model.save_pretrained(out_dir, safe_serialization=True)
+    return save_tiny_model(MistralForCausalLM, config, 0, out_dir, tokenizer_dir)
+
+
+def save_tiny_model(model_class: Any, config: Any, seed: int, out_dir: pathlib.Path, tokenizer_dir: pathlib.Path) -> pathlib.Path:
+    """`model_class(config)` drawn from `seed` (float32, weights with std initializer_range), saved as safetensors in
+    out_dir with the tokenizer files of tokenizer_dir beside it."""
+    import torch
+
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(out_dir, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, out_dir / name)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ServerProcess, start_server
+from conftest import MODEL, ServerProcess, chat_whole_and_streamed, start_server
 
 from tests.conditions import wait_until
 from tests.server import child_pids, is_running
@@ -38,15 +38,7 @@ def test_engine_process_serves_the_same_text_streamed_and_not(server: ServerProc
     assert whole.choices[0].text and streamed == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     messages = [{"role": "user", "content": "Say hello."}]
-    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0.0)  # type: ignore[arg-type]
-    chat_chunks = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=16,
-        temperature=0.0,
-        stream=True,  # type: ignore[arg-type]
-    )
-    chat_streamed = "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices)
+    chat, chat_streamed = chat_whole_and_streamed(client, model=MODEL, messages=messages, max_tokens=16, temperature=0.0)
     assert chat.choices[0].message.content and chat_streamed == chat.choices[0].message.content
 
 

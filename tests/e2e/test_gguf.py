@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.e2e.conftest import ServerProcess, start_server
+from tests.e2e.conftest import ServerProcess, chat_whole_and_streamed, start_server
 from tests.engine.gguf_helpers import write_tiny_gguf
 
 SERVED_NAME = "tiny-gguf"
@@ -33,16 +33,9 @@ def server(
 def test_a_gguf_file_answers_chat_through_the_sdk(client: openai.OpenAI, server: ServerProcess) -> None:
     assert [m.id for m in client.models.list().data] == [SERVED_NAME]
     messages = [{"role": "user", "content": "Say something."}]
-    reply = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    reply, streamed = chat_whole_and_streamed(client, model=SERVED_NAME, messages=messages, max_tokens=6, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason in ("length", "stop") and reply.usage is not None
     assert 1 <= reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 5  # the chat template wrapped it
-    chunks = client.chat.completions.create(
-        model=SERVED_NAME,
-        messages=messages,
-        max_tokens=6,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
-    )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert streamed == choice.message.content
     assert "from its GGUF file" in server.log() and "tiny.gguf" in server.log()

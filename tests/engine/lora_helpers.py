@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pathlib
-import shutil
 
 import torch
 
-from tests.conftest import TOKENIZER_FILES
+from tests.conftest import save_tiny_model
 
 ATTENTION = ["q_proj", "v_proj"]
 
@@ -29,12 +28,7 @@ def write_tiny_llama(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, hidden_
         bos_token_id=1,
         eos_token_id=2,
     )
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out_dir / name)
-    return out_dir
+    return save_tiny_model(LlamaForCausalLM, config, 1, out_dir, tokenizer_dir)
 
 
 def write_adapter(

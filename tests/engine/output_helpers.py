@@ -1,6 +1,6 @@
 """What the engine's output-equality tests share: random token prompts, a stop string that the 8th generated token
-completes, stepping an engine until a request finishes, a client's view of a finished request, and the check that every
-KV block went back to the pool."""
+completes, stepping an engine until a request finishes (also past a step in flight), aborting a request in flight and
+reusing its id, a client's view of a finished request, and the check that every KV block went back to the pool."""
 
 from __future__ import annotations
 
@@ -43,6 +43,42 @@ def step_until_finished(engine: LLMEngine, max_steps: int = 100) -> RequestOutpu
     for delta in outputs:
         merge_delta(total, delta)
     return total
+
+
+def finish_past_a_step_in_flight(engine: LLMEngine, params: SamplingParams) -> tuple[RequestOutput, list[str]]:
+    """Step CONVERSATION (request "stopped") until a stop string ends it on an engine that launches a step before it
+    reads the last one back; the next step collects and drops the step in flight. -> the request's deltas merged, and
+    the request id of each sequence in the step that was in flight."""
+    engine.add_request("stopped", CONVERSATION, params)
+    total = step_until_finished(engine)
+    in_flight = engine._in_flight  # launched before the step whose text matched the stop string was read back
+    assert in_flight is not None
+    in_flight_ids = [seq.request_id for seq in in_flight.batch.seqs]
+    assert not engine.has_unfinished  # every sequence of the step in flight is finished
+    assert engine.step().outputs == [] and engine._in_flight is None  # collects and drops them
+    return total, in_flight_ids
+
+
+def add_requests_to_abort(
+    reference: LLM, engine: LLMEngine, params: SamplingParams
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """Add requests r0..r3 (random prompts) to `engine`, r1 to be aborted while in flight and its id reused -> the
+    reference's token ids for r0..r3, the prompt that reuses r1's id, and the reference's token ids for that prompt."""
+    prompts = random_prompts(4, seed=31)
+    expected = [r.outputs[0].token_ids for r in reference.generate(prompts, params)]
+    reused_prompt = random_prompts(1, seed=32)[0]
+    reused_expected = reference.generate(reused_prompt, params)[0].outputs[0].token_ids
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    return expected, reused_prompt, reused_expected
+
+
+def abort_r1_in_flight_and_reuse_its_id(engine: LLMEngine, reused_prompt: list[int], params: SamplingParams) -> None:
+    """r1 is in the step in flight: abort it, and add a new request with the same id at once."""
+    in_flight = engine._in_flight
+    assert in_flight is not None and "r1" in {seq.request_id for seq in in_flight.batch.seqs}
+    engine.abort("r1")
+    engine.add_request("r1", reused_prompt, params)  # the old r1's work in flight is not the new one's
 
 
 def client_view(result: RequestOutput, with_cached_tokens: bool = False) -> tuple:

@@ -13,10 +13,12 @@ from engine.errors import RankFailedError
 from engine.model_runner import InFlight
 from tests.engine.output_helpers import (
     CONVERSATION,
+    abort_r1_in_flight_and_reuse_its_id,
+    add_requests_to_abort,
     assert_all_blocks_free,
     client_view,
+    finish_past_a_step_in_flight,
     random_prompts,
-    step_until_finished,
     stop_completed_by_token_8,
 )
 
@@ -73,14 +75,9 @@ def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tupl
 
     engine = forced.engine
     generated_before = engine.num_generation_tokens
-    engine.add_request("stopped", CONVERSATION, params)
-    total = step_until_finished(engine)
     # The step that delivered the stop had already launched the choices' next tokens: they are in flight, to be dropped.
-    in_flight = engine._in_flight
-    assert in_flight is not None and {seq.request_id for seq in in_flight.batch.seqs} == {"stopped"}
-    assert not engine.has_unfinished  # every sequence of the step in flight is finished
-    assert engine.step().outputs == []  # collects and drops them
-    assert engine._in_flight is None
+    total, in_flight_ids = finish_past_a_step_in_flight(engine, params)
+    assert set(in_flight_ids) == {"stopped"}
 
     assert client_view(total) == client_view(expected)
     for choice in total.outputs:
@@ -97,21 +94,13 @@ def test_stop_string_ends_a_choice_whose_next_token_is_in_flight(smol_pair: tupl
 def test_abort_while_a_token_is_in_flight_and_reuse_of_its_id(tiny_pair: tuple[LLM, LLM]) -> None:
     sync, forced = tiny_pair
     engine = forced.engine
-    prompts = random_prompts(4, seed=31)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    expected = [r.outputs[0].token_ids for r in sync.generate(prompts, params)]
-    reused_prompt = random_prompts(1, seed=32)[0]
-    reused_expected = sync.generate(reused_prompt, params)[0].outputs[0].token_ids
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
+    expected, reused_prompt, reused_expected = add_requests_to_abort(sync, engine, params)
     tokens: dict[str, list[int]] = {}
     for _ in range(3):
         for output in engine.step().outputs:
             tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
-    in_flight = engine._in_flight
-    assert in_flight is not None and "r1" in {seq.request_id for seq in in_flight.batch.seqs}
-    engine.abort("r1")
-    engine.add_request("r1", reused_prompt, params)  # the same id at once: the old one's token in flight is not its
+    abort_r1_in_flight_and_reuse_its_id(engine, reused_prompt, params)  # with a token in flight
     del tokens["r1"]
     for _ in range(200):
         if not engine.has_unfinished:

@@ -19,10 +19,12 @@ from engine.outputs import RequestOutput, merge_delta
 from engine.sequence import PENDING_TOKEN_ID
 from tests.engine.output_helpers import (
     CONVERSATION,
+    abort_r1_in_flight_and_reuse_its_id,
+    add_requests_to_abort,
     assert_all_blocks_free,
     client_view,
+    finish_past_a_step_in_flight,
     random_prompts,
-    step_until_finished,
     stop_completed_by_token_8,
 )
 
@@ -154,12 +156,8 @@ def test_stop_string_ends_a_choice_whose_next_step_is_in_flight(smol_pair: tuple
 
     engine = on.engine
     generated_before = engine.num_generation_tokens
-    engine.add_request("stopped", CONVERSATION, params)
-    total = step_until_finished(engine)
-    in_flight = engine._in_flight  # launched before the step whose text matched the stop string was read back
-    assert in_flight is not None and [seq.request_id for seq in in_flight.batch.seqs] == ["stopped"]
-    assert not engine.has_unfinished
-    assert engine.step().outputs == [] and engine._in_flight is None  # collects and drops it
+    total, in_flight_ids = finish_past_a_step_in_flight(engine, params)
+    assert in_flight_ids == ["stopped"]
 
     got, want = _view(total), _view(expected)
     assert (got[0], got[1][:2]) == (want[0], want[1][:2])  # the prefix cache's hits differ: `off` saw the prompt twice
@@ -171,17 +169,9 @@ def test_stop_string_ends_a_choice_whose_next_step_is_in_flight(smol_pair: tuple
 def test_abort_while_steps_are_in_flight_and_reuse_of_its_id(tiny_pair: tuple[LLM, LLM]) -> None:
     off, on = tiny_pair
     engine = on.engine
-    prompts = random_prompts(4, seed=31)
-    expected = [r.outputs[0].token_ids for r in off.generate(prompts, GREEDY)]
-    reused_prompt = random_prompts(1, seed=32)[0]
-    reused_expected = off.generate(reused_prompt, GREEDY)[0].outputs[0].token_ids
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, GREEDY)
+    expected, reused_prompt, reused_expected = add_requests_to_abort(off, engine, GREEDY)
     first = _run(engine, max_steps=4)
-    in_flight = engine._in_flight
-    assert in_flight is not None and "r1" in {seq.request_id for seq in in_flight.batch.seqs}
-    engine.abort("r1")
-    engine.add_request("r1", reused_prompt, GREEDY)  # the same id at once: the old one's step in flight is not its
+    abort_r1_in_flight_and_reuse_its_id(engine, reused_prompt, GREEDY)  # with steps in flight
     old_r1 = first.pop("r1", None)
     results = _run(engine, results=first)
     assert not engine.has_unfinished, "the engine never drained"

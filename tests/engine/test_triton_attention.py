@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.engine.triton_helpers import interpreted_report
 
 
 @dataclass(frozen=True)
@@ -190,14 +187,7 @@ def _with_padded_rows(case: Case, q: torch.Tensor, meta: Any) -> tuple[torch.Ten
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> dict[str, dict[str, float]]:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine.test_triton_attention"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_report("tests.engine.test_triton_attention")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

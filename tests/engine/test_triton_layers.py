@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.engine.triton_helpers import interpreted_report
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Largest error relative to the reference's largest magnitude. bf16 may differ by one rounding of the RMSNorm output
 # (fp32 sums in another order); the rest rounds exactly where the reference does.
@@ -127,14 +125,7 @@ def case_error(case: LayerCase, device: torch.device, dtype: torch.dtype) -> flo
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> dict[str, dict[str, float]]:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine.test_triton_layers"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_report("tests.engine.test_triton_layers")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,15 +7,12 @@ As in test_triton_layers.py, the kernels run in one subprocess with TRITON_INTER
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.engine.triton_helpers import interpreted_report
+
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # bf16: the PyTorch path rounds the shrink to bf16, the kernels keep fp32
 # name -> (num_tokens, in_features, part sizes, max_loras, max_rank, adapter ranks per slot, token slots)
 CASES = {
@@ -52,14 +49,7 @@ def case_error(name: str, dtype: torch.dtype) -> float:
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> dict[str, dict[str, float]]:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine.test_triton_lora"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_report("tests.engine.test_triton_lora")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
