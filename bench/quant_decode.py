@@ -1,4 +1,5 @@
-"""Decode speed of the embedded SmolLM2-135M with float32, int8 and int4 weights, at several concurrencies, in one process.
+"""Decode speed of the embedded SmolLM2-135M with float32, int8 and int4 weights (quantized at load from its float32
+conversion) and as its Q4_1 GGUF at its own precision (`gguf`), at several concurrencies, in one process.
 
 For each (weights, concurrency): `concurrency` random-token prompts of 16 tokens generate `--tokens` tokens each (greedy,
 EOS ignored) through LLM.generate; prefill is timed apart by a 1-token warm-up run of the same prompts, so the line
@@ -16,11 +17,13 @@ import time
 
 from bench.common import emit, set_threads, versions
 from engine import LLM, SamplingParams
+from engine.embedded import embedded_float32_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", nargs="+", default=["float32", "int8", "int4"])
+    kinds = ["float32", "int8", "int4", "gguf"]
+    parser.add_argument("--weights", nargs="+", choices=kinds, default=kinds)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--group-size", type=int, default=32)
@@ -31,9 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     threads = set_threads() if args.threads is None else args.threads
     rng = random.Random(0)
     for weights in args.weights:
-        quantization = None if weights == "float32" else weights
+        quantization = weights if weights in ("int8", "int4") else None
+        model = None if weights == "gguf" else str(embedded_float32_dir(args.cache_dir))  # None: the embedded GGUF
         llm = LLM(
-            cache_dir=args.cache_dir, quantization=quantization, quantization_group_size=args.group_size, num_threads=threads
+            model=model,
+            cache_dir=args.cache_dir,
+            quantization=quantization,
+            quantization_group_size=args.group_size,
+            num_threads=threads,
         )
         for concurrency in args.concurrency:
             prompts = [[rng.randrange(100, 40000) for _ in range(16)] for _ in range(concurrency)]
