@@ -3,7 +3,8 @@
 Each timed pass runs one call on each of `copies` distinct weights (30, as the model's layers; 3 for the lm_head), so
 weights come from memory as in a decode step, not from a warm cache. Methods: f32 (F.linear), torch's weight-only ops
 (torch_int8pc: _weight_int8pack_mm per-channel; torch_int4: _weight_int4pack_mm_for_cpu), and ours: the C float-activation
-kernel (int8 / int4, `dot`) and dequantize + float GEMM (`gemm`) per group size. One JSON line per (threads, shape,
+kernel (int8 / int4) forced onto its `direct` and its `panel` path, and dequantize + float GEMM (`gemm`, the
+old large-batch path) per group size. One JSON line per (threads, shape,
 batch, method): ms per call and weight GB/s (the bytes each call reads of its weight).
 
     python -m bench.quant_kernels --out bench/results/quant-kernels-cpu.jsonl
@@ -21,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit, versions
-from engine.model import quant_kernels
 from engine.model.quant import quantize_int4, quantize_int8
 from engine.model.quant_kernels import PackedWeight, QuantKernel, load_quant_kernel, pack_for_cpu
 
@@ -68,19 +68,10 @@ def methods(
         for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
             packed = [pack_for_cpu(quantize(w, group)) for w in weights]
             size = packed_bytes(packed[0])
-            out[f"{name}_g{group}_dot"] = ([lambda p=p: _dot(kernel, x, p) for p in packed], size)
+            out[f"{name}_g{group}_direct"] = ([lambda p=p: kernel.linear(x, p, panel_min_rows=1 << 30) for p in packed], size)
+            out[f"{name}_g{group}_panel"] = ([lambda p=p: kernel.linear(x, p, panel_min_rows=1) for p in packed], size)
             out[f"{name}_g{group}_gemm"] = ([lambda p=p: F.linear(x, kernel.dequantize(p)) for p in packed], size)
     return out
-
-
-def _dot(kernel: QuantKernel, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """The C kernel whatever the batch size (linear() would switch to the GEMM path for large batches)."""
-    saved = dict(quant_kernels.MIN_GEMM_ROWS)
-    quant_kernels.MIN_GEMM_ROWS.update(int4=1 << 30, int8=1 << 30)
-    try:
-        return kernel.linear(x, w)
-    finally:
-        quant_kernels.MIN_GEMM_ROWS.update(saved)
 
 
 def main(argv: list[str] | None = None) -> None:

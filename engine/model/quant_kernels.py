@@ -2,9 +2,11 @@
 
 The C kernel reads weights in blocks of 32 along K with fp16 scales (quant_matmul.c says the layouts); `pack_for_cpu`
 builds that form once from quant.py's canonical formats (a group of g > 32 becomes g / 32 blocks sharing one scale).
-Small batches (decode) run the C kernel, float32 activations against weights unpacked to float per block; large batches
-(prefill chunks) dequantize the weight in C and run torch's float GEMM, which is faster there (bench/quant_kernels.py).
-Neither rounds the activations, so a row's result depends on its batch only through float summation order.
+Every batch size runs the kernel: float32 activations against the weights unpacked to float, one FMA chain per output
+in ascending k, so a row's result is the same bit for bit whatever batch it comes in (quant_matmul.c). Few rows
+(decode) unpack in registers; from PANEL_MIN_ROWS rows on (prefill, batched decode) the kernel unpacks a panel of
+weights once and sweeps every row over it with a register tile, which beats dequantizing the whole weight for torch's
+float GEMM at every batch size we measured (bench/quant_kernels.py).
 Built like the decode-attention kernel (cpu_attention.load_c_library); where it cannot be built, or the CPU lacks
 AVX2/FMA/F16C, load_quant_kernel returns None and quantized layers run the PyTorch dequantize-then-matmul path.
 """
@@ -17,7 +19,6 @@ import pathlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.model.cpu_attention import load_c_library
 from engine.model.quant import Int4Weight, QuantizedWeight, unpack_int4, weight_shape
@@ -26,10 +27,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "quant_matmul.c"
 BLOCK = 32  # weights per block along K in the kernel-ready form
-# From this many rows on, dequantize + float GEMM beats the kernel (float FMAs: 8 products per instruction, so its cost
-# grows with the rows much faster than a GEMM's). bench/quant_kernels.py, CPU ms at 576 -> 1728, one thread, 2-core
-# Xeon: int4 rows 12 0.67 kernel vs 0.79 GEMM, rows 16 0.87 vs 0.73; int8 rows 12 0.67 vs 0.81, 16 0.90 vs 0.73.
-MIN_GEMM_ROWS = {"int4": 16, "int8": 16}
+# From this many rows on the kernel unpacks weights into a panel shared by all rows rather than in registers per call
+# (the same floats either way). bench/quant_kernels.py, see the README of bench/.
+PANEL_MIN_ROWS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,30 +77,27 @@ class QuantKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int64
-        self._q4_matmul = _function(library, "q4_matmul", ctypes.c_int, [p, i, i, p, p, p, i, p])
-        self._q8_matmul = _function(library, "q8_matmul", None, [p, i, i, p, p, i, p])
+        self._q4_matmul = _function(library, "q4_matmul", ctypes.c_int, [p, i, i, p, p, p, i, p, i])
+        self._q8_matmul = _function(library, "q8_matmul", ctypes.c_int, [p, i, i, p, p, i, p, i])
         self._q4_dequantize = _function(library, "q4_dequantize", None, [p, p, p, i, i, p])
         self._q8_dequantize = _function(library, "q8_dequantize", None, [p, p, i, i, p])
 
-    def linear(self, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-        """x fp32 [M, K] -> fp32 [M, N]: the C kernel for small M, dequantize + float GEMM for large.
-
-        Both paths multiply the same float rows by the same weight, so a row's result does not depend on the batch it
-        came in beyond float summation order (as with float weights): outputs stay batch invariant."""
+    def linear(self, x: torch.Tensor, w: PackedWeight, panel_min_rows: int = PANEL_MIN_ROWS) -> torch.Tensor:
+        """x fp32 [M, K] -> fp32 [M, N]; panel_min_rows picks the path (tests and benchmarks force one), never the result."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
             raise ValueError(f"quantized linear: fp32 CPU input [M, {w.shape[1]}] expected, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         m, (n, k) = x.shape[0], w.shape
-        if m >= MIN_GEMM_ROWS[w.kind]:
-            return F.linear(x, self.dequantize(w))
         out = torch.empty(m, n, dtype=torch.float32)  # [M, N]
         if w.kind == "int4":
             assert w.z is not None
-            status = self._q4_matmul(x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), w.z.data_ptr(), n, out.data_ptr())
-            if status != 0:
-                raise MemoryError("quantized linear kernel: out of memory for the activations' block sums")
+            status = self._q4_matmul(
+                x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), w.z.data_ptr(), n, out.data_ptr(), panel_min_rows
+            )
         else:
-            self._q8_matmul(x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), n, out.data_ptr())
+            status = self._q8_matmul(x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), n, out.data_ptr(), panel_min_rows)
+        if status != 0:
+            raise MemoryError("quantized linear kernel: out of memory for a thread's weight panel")
         return out
 
     def dequantize(self, w: PackedWeight) -> torch.Tensor:

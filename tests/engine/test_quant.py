@@ -30,7 +30,7 @@ from engine.model.quant import (
     quantize_int8,
     unpack_int4,
 )
-from engine.model.quant_kernels import MIN_GEMM_ROWS, QuantKernel, load_quant_kernel, pack_for_cpu
+from engine.model.quant_kernels import QuantKernel, load_quant_kernel, pack_for_cpu
 from engine.model.quant_linear import QuantLinear, quantize_weight
 from engine.outputs import RequestOutput
 from tests.conftest import REPO_ROOT
@@ -95,30 +95,33 @@ def test_concat_rows_fuses_along_n_and_refuses_mixed_formats() -> None:
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("num_rows", [1, 3, 5, 30])  # tiles of 4 rows, and a partial one
-@pytest.mark.parametrize("path", ["dot", "gemm"])  # integer dot products, or dequantize + float GEMM (large batches)
-def test_kernel_equals_the_dequantized_matmul(
-    kernel: QuantKernel, kind: str, group_size: int, num_rows: int, path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(MIN_GEMM_ROWS, kind, 1 if path == "gemm" else 1 << 30)
+@pytest.mark.parametrize("num_rows", [1, 3, 5, 13])  # direct tiles of 3 rows, panel tiles of 6, and partial ones
+@pytest.mark.parametrize("num_out", [40, 48])  # 16 weight rows per thread's share, and an odd last group of 8
+def test_kernel_equals_the_dequantized_matmul(kernel: QuantKernel, kind: str, group_size: int, num_rows: int, num_out: int) -> None:
     gen = torch.Generator().manual_seed(num_rows)
-    w = torch.randn(40, 128, generator=gen) * 0.05
+    w = torch.randn(num_out, 320, generator=gen) * 0.05  # K = 320: a panel of 256 k, then a partial one
     qw = quantize_int4(w, group_size) if kind == "int4" else quantize_int8(w, group_size)
     packed = pack_for_cpu(qw)
-    x = torch.randn(num_rows, 128, generator=gen)
-    out = kernel.linear(x, packed)  # [num_rows, 40]
+    x = torch.randn(num_rows, 320, generator=gen)
+    out = kernel.linear(x, packed)  # [num_rows, num_out]
     # 1. Same activations, same weight: float32 summation order only.
     torch.testing.assert_close(out, F.linear(x, kernel.dequantize(packed)), rtol=1e-5, atol=1e-5)
     # 2. The exact product, within the bound of rounding the scales to fp16 (2^-11 relative, 2^-10 with z's).
     exact_w = dequantize(qw)
     assert (kernel.dequantize(packed) - exact_w).abs().max() <= 2**-11 * (exact_w.abs().max() + qw.scales.abs().max() * 8)
-    bound = 2**-10 * x.abs() @ exact_w.abs().T  # [num_rows, 40]
+    bound = 2**-10 * x.abs() @ exact_w.abs().T  # [num_rows, num_out]
     assert ((out - x @ exact_w.T).abs() <= bound + 1e-5).all()
-    # 3. A row's result does not depend on the rows beside it, nor on the path its batch size picks.
+    # 3. Bit for bit, a row's result does not depend on the rows beside it, on the path, nor on the thread count.
     alone = torch.cat([kernel.linear(x[i : i + 1], packed) for i in range(num_rows)])
-    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
-    monkeypatch.setitem(MIN_GEMM_ROWS, kind, 1 << 30 if path == "gemm" else 1)
-    torch.testing.assert_close(out, kernel.linear(x, packed), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, alone)
+    assert torch.equal(kernel.linear(x, packed, panel_min_rows=1), alone)  # every call on the panel path
+    assert torch.equal(kernel.linear(x, packed, panel_min_rows=1 << 30), alone)  # every call direct
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert torch.equal(kernel.linear(x, packed), out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_quant_linear_torch_path_is_the_dequantized_linear() -> None:

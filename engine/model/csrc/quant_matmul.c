@@ -1,13 +1,20 @@
 /* Weight-only quantized matmuls for CPU: out[m, n] = sum_k x[m, k] * w[n, k], w stored in 4 or 8 bits per weight in
- * blocks of 32 along k. Built and loaded by engine/model/quant_kernels.py, checked against x @ dequantize(w).T in
- * tests/engine/test_quant.py.
+ * blocks of 32 along k. Built and loaded by engine/model/quant_kernels.py, checked in tests/engine/test_quant.py.
  *
- * Activations stay float32: per block of 32 the kernel unpacks the weights' q to float in registers and FMAs them with
- * the float x, then scales once: d * sum(q * x) + z * sum(x) for int4 (sum(x) per block per row computed once), d *
- * sum(q * x) for int8. It reads each weight byte once. It does not round x (to int8, as integer dot products would):
- * such rounding is discontinuous, so float differences of 1e-6 that the model already has between, say, a prompt
- * prefilled in one chunk or in two flip roundings and grow to 1e-2 after a layer, and greedy text changes with chunking
- * and prefix caching. In float, results differ from x @ dequantize(w).T by summation order alone.
+ * One formula, two ways to run it. Every output is one float32 chain over k in ascending order,
+ *     w = q * d + z (int4, one FMA) or q * d (int8), from the fp16 scales of w's block,
+ *     acc = fma(w, x[m, k], acc), acc starting at 0,
+ * so a row's result never depends on the rows beside it, on the batch size, on the path below or on the thread count:
+ * bit for bit. (Against x @ dequantize(w).T it differs by float summation order only.) Activations stay float32:
+ * rounding them to int8, as integer dot products would, is discontinuous, so the 1e-6 differences the model already has
+ * between, say, a prompt prefilled in one chunk or two flip roundings, grow to 1e-2 after a layer, and change greedy
+ * text under chunking and prefix caching.
+ *   - direct (few rows, decode): per k, the q of 16 weight rows are unpacked to w in registers and FMA'd with each
+ *     row's x[k]; the weights are read once from memory, and each unpack serves the few rows of the call.
+ *   - panel (many rows, prefill and batched decode): 16 weight rows are dequantized, 256 k at a time, into a panel in
+ *     L1 (the same FMA: the same w), which a 6-row x 16-column register tile then sweeps for every row of x: the
+ *     unpacking is paid once per weight, not once per row, and the inner loop is 2 loads, 6 broadcasts, 12 FMAs.
+ * Threads (OpenMP, torch's runtime) split the weight rows, 16 at a time; each output is computed by one thread.
  *
  * Layouts (all contiguous; the kernel-ready form quant_kernels.py builds from engine/model/quant.py's formats):
  *   x [M, K] fp32, out [M, N] fp32, K a multiple of 32, nb = K / 32 blocks per row;
@@ -24,177 +31,200 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define KERNEL __attribute__((target("avx2,fma,f16c")))
+#define INLINE KERNEL static inline __attribute__((always_inline))
+
+enum { KC = 256, TILE_ROWS = 6, DIRECT_ROWS = 3 };  // panel depth in k; register tile rows; most rows direct takes
 
 int quant_kernels_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-KERNEL static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+/* The weights of one group of 8 rows: where its blocks start, and how to turn block b's k into 8 floats. */
+typedef struct {
+  int bits;  // 4 or 8
+  const uint8_t *qs;  // the group's first block
+  const uint16_t *d, *z;  // the group's scales (and int4 zeros), 8 per block
+} Group;
+
+INLINE Group group_at(int bits, const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t g, int64_t nb) {
+  Group out = {bits, qs + g * nb * (bits == 4 ? 128 : 256), d + g * nb * 8, z == NULL ? NULL : z + g * nb * 8};
+  return out;
 }
 
-KERNEL static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+/* The 8 rows' w at k = 32b + 16h + 4t + j (int4) or 32b + 4s + j, s = 4h + t (int8): raw is the 32 bytes holding them.
+ * int4: a shift and a mask pick the nibble; int8: shifting byte j to the top and back (arithmetic) sign-extends it. */
+INLINE __m256i load_raw(const Group *g, int64_t b, int h, int t) {
+  const int64_t offset = g->bits == 4 ? b * 128 + t * 32 : b * 256 + (4 * h + t) * 32;
+  return _mm256_loadu_si256((const __m256i *)(g->qs + offset));
+}
 
-/* sum(x) per block of 32 of each row, sx [M, nb]: int4's zero term z * sum(x), computed once per row in a fixed order
- * (4 vectors of 8 added pairwise, then across lanes). NULL when out of memory. */
-KERNEL static float *block_sums(const float *x, int64_t M, int64_t K) {
-  const int64_t n = M * (K / 32);
-  float *sx = malloc((size_t)n * sizeof(float));
-  if (sx == NULL) return NULL;
-  for (int64_t i = 0; i < n; i++) {  // rows are contiguous, so block i of the whole buffer is row i / nb's block i % nb
-    const float *xb = x + i * 32;
-    const __m256 lo = _mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8));
-    const __m256 hi = _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24));
-    sx[i] = hsum(_mm256_add_ps(lo, hi));
+INLINE __m256 weight_at(const Group *g, __m256i raw, __m256 d, __m256 z, int h, int j) {
+  if (g->bits == 4) {
+    const __m256i q = _mm256_and_si256(_mm256_srli_epi32(raw, 8 * j + 4 * h), _mm256_set1_epi32(0x0F));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, z);
   }
-  return sx;
+  const __m256 q = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 24 - 8 * j), 24));
+  return _mm256_mul_ps(q, d);
 }
 
-/* Up to 4 activation rows against one group of 8 int4 weight rows: one weight row per lane, so no lane is ever summed
- * across. Per block, chunk t's 32 bytes are 8 int32 lanes (one per weight row) holding k = 4t + j in the low nibble of
- * byte j and k = 16 + 4t + j in its high nibble: a shift and a mask give the 8 rows' q at one k as floats, unpacked once
- * and FMA'd with each tile row's x[k] (broadcast). Two sums per row (k < 16, k >= 16) halve the FMA dependency chain.
- * A row's operations and their order are the same whatever rows are tiled beside it, so its result does not depend on
- * them. */
-KERNEL static void group_q4(const uint8_t *wg, const uint16_t *dg, const uint16_t *zg, const float *x, const float *sx,
-                            int64_t nb, int64_t K, int rows, float *out, int64_t N) {
-  const __m256i nibble = _mm256_set1_epi32(0x0F);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < nb; b++) {
-    __m256 lo[4], hi[4];  // per tile row: sum of q * x over k < 16 and over k >= 16 of this block
-    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-    for (int t = 0; t < 4; t++) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i *)(wg + b * 128 + t * 32));
-      for (int j = 0; j < 4; j++) {
-        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(raw, 8 * j), nibble));  // k = 4t + j
-        const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(raw, 8 * j + 4), nibble));  // 16 + 4t + j
-        for (int r = 0; r < rows; r++) {
-          const float *xb = x + r * K + b * 32;
-          lo[r] = _mm256_fmadd_ps(q_lo, _mm256_broadcast_ss(xb + 4 * t + j), lo[r]);
-          hi[r] = _mm256_fmadd_ps(q_hi, _mm256_broadcast_ss(xb + 16 + 4 * t + j), hi[r]);
+INLINE __m256 scales(const uint16_t *s, int64_t b) {
+  return s == NULL ? _mm256_setzero_ps() : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + b * 8)));
+}
+
+/* direct: R rows of x (R <= DIRECT_ROWS) against G groups of 8 weight rows (G = 1 or 2), w unpacked in registers. */
+INLINE void direct_tile(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+  __m256 acc[DIRECT_ROWS][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; b++) {
+    __m256 d[2], z[2];
+    for (int c = 0; c < G; c++) d[c] = scales(gs[c].d, b), z[c] = scales(gs[c].z, b);
+    for (int h = 0; h < 2; h++) {
+      for (int t = 0; t < 4; t++) {
+        __m256i raw[2];
+        for (int c = 0; c < G; c++) raw[c] = load_raw(&gs[c], b, h, t);
+        for (int j = 0; j < 4; j++) {
+          const int64_t k = 32 * b + 16 * h + 4 * t + j;
+          for (int c = 0; c < G; c++) {
+            const __m256 w = weight_at(&gs[c], raw[c], d[c], z[c], h, j);
+            for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * K + k), acc[r][c]);
+          }
         }
       }
     }
-    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * 8)));
-    const __m256 wz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zg + b * 8)));
-    for (int r = 0; r < rows; r++) {  // d * sum(q * x) + z * sum(x)
-      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(lo[r], hi[r]), wd, acc[r]);
-      acc[r] = _mm256_fmadd_ps(wz, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
-    }
   }
-  for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * N, acc[r]);
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < G; c++) _mm256_storeu_ps(out + r * N + 8 * c, acc[r][c]);
 }
 
-/* Returns 0, or -1 when the block sums could not be allocated (out is then untouched). */
+KERNEL static void direct_rows(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+  // One specialisation per (G, R): the compiler keeps the accumulators in registers only when both are constants.
+  switch (G * 4 + R) {
+    case 5: direct_tile(gs, 1, x, K, 1, out, N); break;
+    case 6: direct_tile(gs, 1, x, K, 2, out, N); break;
+    case 7: direct_tile(gs, 1, x, K, 3, out, N); break;
+    case 9: direct_tile(gs, 2, x, K, 1, out, N); break;
+    case 10: direct_tile(gs, 2, x, K, 2, out, N); break;
+    default: direct_tile(gs, 2, x, K, 3, out, N); break;
+  }
+}
+
+/* panel: G groups' w for k in [k0, k0 + kc) into panel[kk][8G] (the same weight_at as direct: the same floats). */
+KERNEL static void fill_panel(const Group *gs, int G, int64_t k0, int64_t kc, float *panel) {
+  for (int c = 0; c < G; c++) {
+    for (int64_t b = k0 / 32; b < (k0 + kc) / 32; b++) {
+      const __m256 d = scales(gs[c].d, b), z = scales(gs[c].z, b);
+      for (int h = 0; h < 2; h++) {
+        for (int t = 0; t < 4; t++) {
+          const __m256i raw = load_raw(&gs[c], b, h, t);
+          for (int j = 0; j < 4; j++) {
+            const int64_t kk = 32 * b + 16 * h + 4 * t + j - k0;
+            _mm256_store_ps(panel + kk * 8 * G + 8 * c, weight_at(&gs[c], raw, d, z, h, j));
+          }
+        }
+      }
+    }
+  }
+}
+
+/* R rows of x against the panel (8G columns), k in [k0, k0 + kc): the chains continue from out unless k0 == 0. */
+INLINE void panel_tile(const float *panel, int G, const float *x, int64_t K, int64_t k0, int64_t kc, int R, float *out,
+                       int64_t N) {
+  __m256 acc[TILE_ROWS][2];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < G; c++) acc[r][c] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * N + 8 * c);
+  for (int64_t kk = 0; kk < kc; kk++) {
+    const __m256 w0 = _mm256_load_ps(panel + kk * 8 * G);
+    const __m256 w1 = G == 2 ? _mm256_load_ps(panel + kk * 8 * G + 8) : w0;
+    for (int r = 0; r < R; r++) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * K + k0 + kk);
+      acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
+      if (G == 2) acc[r][1] = _mm256_fmadd_ps(w1, xr, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < G; c++) _mm256_storeu_ps(out + r * N + 8 * c, acc[r][c]);
+}
+
+KERNEL static void panel_rows(const float *panel, int G, const float *x, int64_t K, int64_t k0, int64_t kc, int R,
+                              float *out, int64_t N) {
+  switch (R) {  // one specialisation per row count (see direct_rows); G == 1 only for an odd last group
+    case 6: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 6, out, N) : panel_tile(panel, 1, x, K, k0, kc, 6, out, N); break;
+    case 5: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 5, out, N) : panel_tile(panel, 1, x, K, k0, kc, 5, out, N); break;
+    case 4: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 4, out, N) : panel_tile(panel, 1, x, K, k0, kc, 4, out, N); break;
+    case 3: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 3, out, N) : panel_tile(panel, 1, x, K, k0, kc, 3, out, N); break;
+    case 2: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 2, out, N) : panel_tile(panel, 1, x, K, k0, kc, 2, out, N); break;
+    default: G == 2 ? panel_tile(panel, 2, x, K, k0, kc, 1, out, N) : panel_tile(panel, 1, x, K, k0, kc, 1, out, N); break;
+  }
+}
+
+/* out = x @ w.T for either format: weight rows 16 at a time over the threads; M < panel_min_rows runs direct.
+ * Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
+KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
+                               const uint16_t *z, int64_t N, float *out, int64_t panel_min_rows) {
+  const int64_t nb = K / 32, num_groups = N / 8, num_pairs = (num_groups + 1) / 2;
+  const int use_panel = M >= panel_min_rows;
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    float *panel = use_panel ? aligned_alloc(64, KC * 16 * sizeof(float)) : NULL;
+    failed = use_panel && panel == NULL;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < num_pairs; p++) {
+      if (failed) continue;
+      const int G = 2 * p + 1 < num_groups ? 2 : 1;
+      const Group gs[2] = {group_at(bits, qs, d, z, 2 * p, nb), group_at(bits, qs, d, z, 2 * p + G - 1, nb)};
+      float *out_p = out + 16 * p;
+      if (!use_panel) {
+        for (int64_t m0 = 0; m0 < M; m0 += DIRECT_ROWS)
+          direct_rows(gs, G, x + m0 * K, K, M - m0 < DIRECT_ROWS ? (int)(M - m0) : DIRECT_ROWS, out_p + m0 * N, N);
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = K - k0 < KC ? K - k0 : KC;
+        fill_panel(gs, G, k0, kc, panel);
+        for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS)
+          panel_rows(panel, G, x + m0 * K, K, k0, kc, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS, out_p + m0 * N, N);
+      }
+    }
+    free(panel);
+  }
+  return failed ? -1 : 0;
+}
+
 KERNEL int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d, const uint16_t *z,
-                     int64_t N, float *out) {
-  const int64_t nb = K / 32;
-  float *sx = block_sums(x, M, K);
-  if (sx == NULL) return -1;
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < N / 8; g++) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      group_q4(qs + g * nb * 128, d + g * nb * 8, z + g * nb * 8, x + m0 * K, sx + m0 * nb, nb, K, rows,
-               out + m0 * N + g * 8, N);
-    }
-  }
-  free(sx);
-  return 0;
+                     int64_t N, float *out, int64_t panel_min_rows) {
+  return quant_matmul(4, x, M, K, qs, d, z, N, out, panel_min_rows);
 }
 
-/* group_q4 for int8 weights: chunk s's 8 int32 lanes hold k = 4s + j in byte j; shifting byte j to the top and back
- * (arithmetic) sign-extends it. Two sums per row (k < 16, k >= 16), then d * sum(q * x). */
-KERNEL static void group_q8(const int8_t *wg, const uint16_t *dg, const float *x, int64_t nb, int64_t K, int rows, float *out,
-                            int64_t N) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < nb; b++) {
-    __m256 lo[4], hi[4];
-    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-    for (int s = 0; s < 4; s++) {
-      const __m256i raw_lo = _mm256_loadu_si256((const __m256i *)(wg + b * 256 + s * 32));        // k = 4s + j
-      const __m256i raw_hi = _mm256_loadu_si256((const __m256i *)(wg + b * 256 + (s + 4) * 32));  // k = 16 + 4s + j
-      for (int j = 0; j < 4; j++) {
-        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw_lo, 24 - 8 * j), 24));
-        const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw_hi, 24 - 8 * j), 24));
-        for (int r = 0; r < rows; r++) {
-          const float *xb = x + r * K + b * 32;
-          lo[r] = _mm256_fmadd_ps(q_lo, _mm256_broadcast_ss(xb + 4 * s + j), lo[r]);
-          hi[r] = _mm256_fmadd_ps(q_hi, _mm256_broadcast_ss(xb + 16 + 4 * s + j), hi[r]);
-        }
-      }
-    }
-    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * 8)));
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(lo[r], hi[r]), wd, acc[r]);
-  }
-  for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * N, acc[r]);
+KERNEL int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *out,
+                     int64_t panel_min_rows) {
+  return quant_matmul(8, x, M, K, (const uint8_t *)qs, d, NULL, N, out, panel_min_rows);
 }
 
-KERNEL void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *out) {
+/* The float32 weight [N, K] (what the torch path and the tests multiply by): weight_at's floats, row by row. */
+KERNEL static void dequantize(int bits, const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t N, int64_t K,
+                              float *out) {
   const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < N / 8; g++) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-      group_q8(qs + g * nb * 256, d + g * nb * 8, x + m0 * K, nb, K, rows, out + m0 * N + g * 8, N);
+    const Group gr = group_at(bits, qs, d, z, g, nb);
+    float panel[KC * 8] __attribute__((aligned(32)));
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = K - k0 < KC ? K - k0 : KC;
+      fill_panel(&gr, 1, k0, kc, panel);
+      for (int64_t kk = 0; kk < kc; kk++)
+        for (int i = 0; i < 8; i++) out[(8 * g + i) * K + k0 + kk] = panel[kk * 8 + i];
     }
   }
-}
-
-/* The float32 weight [N, K] (for large batches, which then run a float GEMM). */
-/* Each (group, block) holds 8 rows side by side, 4 values a row per 32 bytes: 8 bytes at a time are rows 2p and 2p + 1,
- * widened to 8 floats, scaled by those rows' d (and z) and stored as two 4-float pieces of their rows. */
-KERNEL static inline void store_row_pair(__m256 v, float *row0, float *row1) {
-  _mm_storeu_ps(row0, _mm256_castps256_ps128(v));
-  _mm_storeu_ps(row1, _mm256_extractf128_ps(v, 1));
-}
-
-KERNEL static inline __m256 row_pair_scale(__m256 scales, int p) {  // [8 rows] -> [row 2p x4, row 2p + 1 x4]
-  return _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
 }
 
 KERNEL void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t N, int64_t K, float *out) {
-  const int64_t nb = K / 32;
-  const __m256i low_mask = _mm256_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static)
-  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {  // one (group of 8 rows, block) each
-    const int64_t g = gb / nb, b = gb % nb;
-    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + gb * 8)));
-    const __m256 wz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + gb * 8)));
-    for (int t = 0; t < 4; t++) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + gb * 128 + t * 32));
-      uint8_t q[2][32];  // low nibbles (k = 4t + j), high nibbles (k = 4(t + 4) + j); row i at bytes 4i..4i+3
-      _mm256_storeu_si256((__m256i *)q[0], _mm256_and_si256(raw, low_mask));
-      _mm256_storeu_si256((__m256i *)q[1], _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask));
-      for (int h = 0; h < 2; h++) {
-        for (int p = 0; p < 4; p++) {
-          const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q[h] + 8 * p))));
-          float *row0 = out + (g * 8 + 2 * p) * K + b * 32 + 4 * t + 16 * h;
-          store_row_pair(_mm256_fmadd_ps(v, row_pair_scale(wd, p), row_pair_scale(wz, p)), row0, row0 + K);
-        }
-      }
-    }
-  }
+  dequantize(4, qs, d, z, N, K, out);
 }
 
 KERNEL void q8_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, float *out) {
-  const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static)
-  for (int64_t gb = 0; gb < N / 8 * nb; gb++) {
-    const int64_t g = gb / nb, b = gb % nb;
-    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + gb * 8)));
-    for (int step = 0; step < 8; step++) {
-      for (int p = 0; p < 4; p++) {
-        const __m128i q = _mm_loadl_epi64((const __m128i *)(qs + gb * 256 + step * 32 + 8 * p));
-        float *row0 = out + (g * 8 + 2 * p) * K + b * 32 + 4 * step;
-        store_row_pair(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), row_pair_scale(wd, p)), row0, row0 + K);
-      }
-    }
-  }
+  dequantize(8, (const uint8_t *)qs, d, NULL, N, K, out);
 }
 #else
 int quant_kernels_supported(void) { return 0; }
