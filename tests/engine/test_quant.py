@@ -96,7 +96,7 @@ def test_concat_rows_fuses_along_n_and_refuses_mixed_formats() -> None:
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("num_rows", [1, 3, 5, 13])  # direct tiles of 3 rows, panel tiles of 6, and partial ones
-@pytest.mark.parametrize("num_out", [40, 48])  # 16 weight rows per thread's share, and an odd last group of 8
+@pytest.mark.parametrize("num_out", [40, 56])  # 5 and 7 groups of 8 rows: partial shares of 16 (panel) and 32 (direct)
 def test_kernel_equals_the_dequantized_matmul(kernel: QuantKernel, kind: str, group_size: int, num_rows: int, num_out: int) -> None:
     gen = torch.Generator().manual_seed(num_rows)
     w = torch.randn(num_out, 320, generator=gen) * 0.05  # K = 320: a panel of 256 k, then a partial one

@@ -72,16 +72,18 @@ INLINE __m256 scales(const uint16_t *s, int64_t b) {
   return s == NULL ? _mm256_setzero_ps() : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + b * 8)));
 }
 
-/* direct: R rows of x (R <= DIRECT_ROWS) against G groups of 8 weight rows (G = 1 or 2), w unpacked in registers. */
+/* direct: R rows of x against G groups of 8 weight rows (R * G <= 4 chains, a group for each while R is small, which
+ * keeps 4 FMA chains in flight: one chain would wait out the FMA latency at every k), w unpacked in registers. */
 INLINE void direct_tile(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
-  __m256 acc[DIRECT_ROWS][2];
-  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 acc[DIRECT_ROWS][4];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < G; c++) acc[r][c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 32; b++) {
-    __m256 d[2], z[2];
+    __m256 d[4], z[4];
     for (int c = 0; c < G; c++) d[c] = scales(gs[c].d, b), z[c] = scales(gs[c].z, b);
     for (int h = 0; h < 2; h++) {
       for (int t = 0; t < 4; t++) {
-        __m256i raw[2];
+        __m256i raw[4];
         for (int c = 0; c < G; c++) raw[c] = load_raw(&gs[c], b, h, t);
         for (int j = 0; j < 4; j++) {
           const int64_t k = 32 * b + 16 * h + 4 * t + j;
@@ -99,13 +101,16 @@ INLINE void direct_tile(const Group *gs, int G, const float *x, int64_t K, int R
 
 KERNEL static void direct_rows(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
   // One specialisation per (G, R): the compiler keeps the accumulators in registers only when both are constants.
+  // 1 row takes up to 4 groups per call; more rows take 1 or 2 (the caller splits).
   switch (G * 4 + R) {
     case 5: direct_tile(gs, 1, x, K, 1, out, N); break;
     case 6: direct_tile(gs, 1, x, K, 2, out, N); break;
     case 7: direct_tile(gs, 1, x, K, 3, out, N); break;
     case 9: direct_tile(gs, 2, x, K, 1, out, N); break;
     case 10: direct_tile(gs, 2, x, K, 2, out, N); break;
-    default: direct_tile(gs, 2, x, K, 3, out, N); break;
+    case 11: direct_tile(gs, 2, x, K, 3, out, N); break;
+    case 13: direct_tile(gs, 3, x, K, 1, out, N); break;
+    default: direct_tile(gs, 4, x, K, 1, out, N); break;
   }
 }
 
@@ -160,31 +165,46 @@ KERNEL static void panel_rows(const float *panel, int G, const float *x, int64_t
 
 /* out = x @ w.T for either format: weight rows 16 at a time over the threads; M < panel_min_rows runs direct.
  * Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
+/* out = x @ w.T for either format, split over the threads by weight rows: 32 at a time direct (M < panel_min_rows),
+ * 16 at a time on panels. Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
 KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
                                const uint16_t *z, int64_t N, float *out, int64_t panel_min_rows) {
-  const int64_t nb = K / 32, num_groups = N / 8, num_pairs = (num_groups + 1) / 2;
-  const int use_panel = M >= panel_min_rows;
+  const int64_t nb = K / 32, num_groups = N / 8;
+  if (M < panel_min_rows) {
+#pragma omp parallel for schedule(static)
+    for (int64_t g0 = 0; g0 < num_groups; g0 += 4) {
+      Group gs[4];
+      const int G = num_groups - g0 < 4 ? (int)(num_groups - g0) : 4;
+      for (int c = 0; c < G; c++) gs[c] = group_at(bits, qs, d, z, g0 + c, nb);
+      for (int64_t m0 = 0; m0 < M; m0 += DIRECT_ROWS) {
+        const int R = M - m0 < DIRECT_ROWS ? (int)(M - m0) : DIRECT_ROWS;
+        if (R == 1) {
+          direct_rows(gs, G, x + m0 * K, K, 1, out + m0 * N + 8 * g0, N);
+          continue;
+        }
+        for (int c = 0; c < G; c += 2)  // 2 or 3 rows: 2 groups at a time
+          direct_rows(gs + c, G - c < 2 ? 1 : 2, x + m0 * K, K, R, out + m0 * N + 8 * (g0 + c), N);
+      }
+    }
+    return 0;
+  }
+  const int64_t num_pairs = (num_groups + 1) / 2;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
   {
-    float *panel = use_panel ? aligned_alloc(64, KC * 16 * sizeof(float)) : NULL;
-    failed = use_panel && panel == NULL;
+    float *panel = aligned_alloc(64, KC * 16 * sizeof(float));
+    failed = panel == NULL;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < num_pairs; p++) {
       if (failed) continue;
       const int G = 2 * p + 1 < num_groups ? 2 : 1;
       const Group gs[2] = {group_at(bits, qs, d, z, 2 * p, nb), group_at(bits, qs, d, z, 2 * p + G - 1, nb)};
-      float *out_p = out + 16 * p;
-      if (!use_panel) {
-        for (int64_t m0 = 0; m0 < M; m0 += DIRECT_ROWS)
-          direct_rows(gs, G, x + m0 * K, K, M - m0 < DIRECT_ROWS ? (int)(M - m0) : DIRECT_ROWS, out_p + m0 * N, N);
-        continue;
-      }
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = K - k0 < KC ? K - k0 : KC;
         fill_panel(gs, G, k0, kc, panel);
         for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS)
-          panel_rows(panel, G, x + m0 * K, K, k0, kc, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS, out_p + m0 * N, N);
+          panel_rows(panel, G, x + m0 * K, K, k0, kc, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS,
+                     out + m0 * N + 16 * p, N);
       }
     }
     free(panel);
