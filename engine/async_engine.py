@@ -152,6 +152,9 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError(self._error or "the engine is not running")
         done: Future[None] = Future()
+        # Running: a caller that gives up (asyncio cancels the future it waits on) cannot cancel this one, so the step
+        # report can always set its outcome (setting a cancelled future raises, on the thread that delivers reports).
+        done.set_running_or_notify_cancel()
         with self._lock:
             if self._has_failed_all:
                 raise EngineDeadError(self._error or "the engine was shut down")

@@ -16,6 +16,7 @@ import pytest
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.lora import LoraError, parse_lora_modules
+from tests.conditions import async_wait_until
 from tests.engine.lora_helpers import ATTENTION, peft_greedy, write_adapter, write_tiny_llama
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,6 +170,12 @@ def test_async_engine_loads_and_unloads_through_its_inbox(
             await run("x")
         with pytest.raises(LoraError, match="not loaded"):
             await engine.unload_lora_adapter("x")
+        # A caller that gives up (an HTTP client gone) does not stop the update, nor break the loop
+        loading = asyncio.create_task(engine.load_lora_adapter("x", str(mistral_adapters["attn8"])))
+        await asyncio.sleep(0)  # the task runs up to its wait for the outcome: the update is in the inbox
+        loading.cancel()
+        await async_wait_until(lambda: engine.lora_names == ["x"], "the abandoned load to apply", BOUND_S)
+        assert engine.is_alive and await run("x") == expected
 
     request_ids = itertools.count()
     try:
