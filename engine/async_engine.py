@@ -1,8 +1,9 @@
 """AsyncEngine: the engine client the gateway sees (engine.EngineClient). It streams deltas to asyncio callers from an
 EngineCore that a thread runs in this process, or a child process runs (EngineConfig.engine_process; core_client.py).
 
-Requests and aborts reach the core through an inbox; each step report's outputs reach the requests' asyncio queues
-through loop.call_soon_threadsafe (one call per step); deltas that queued up while a reader was busy are joined into one.
+Requests, aborts and LoRA adapter updates reach the core through one inbox, whichever client runs it; each step
+report's outputs reach the requests' asyncio queues through loop.call_soon_threadsafe (one call per step), and its
+adapter-update outcomes the waiting callers; deltas that queued up while a reader was busy are joined into one.
 If the loop dies, every pending request fails with EngineDeadError.
 """
 
@@ -46,6 +47,8 @@ class AsyncEngine:
         self._stopping = False
         self._error: str | None = None
         self._has_failed_all = False  # pending requests were failed: a request registered later must not wait
+        self._lora_updates: dict[int, tuple[LoraUpdate, Future[None]]] = {}  # updates sent to the core, by update_id
+        self._num_lora_updates = 0
         hooks = CoreHooks(self._wakeup, self._take_inbox, self._on_report, self._on_exit)
         client_type = ProcessCoreClient if config.engine_process else ThreadCoreClient
         self.client: ThreadCoreClient | ProcessCoreClient = client_type(config, make_engine, hooks)
@@ -136,21 +139,31 @@ class AsyncEngine:
 
     async def load_lora_adapter(self, name: str, path: str) -> None:
         """Load and serve an adapter between two steps; raises LoraError (bad folder, name taken, LoRA off)."""
-        await self._update_lora(LoraUpdate(name, path, Future()))
-        self.lora_names.append(name)
+        await self._update_lora(name, path)
 
     async def unload_lora_adapter(self, name: str) -> None:
         """Stop serving an adapter (its running requests finish with it); raises LoraError when it is not served."""
-        await self._update_lora(LoraUpdate(name, None, Future()))
-        self.lora_names.remove(name)
+        await self._update_lora(name, None)
 
-    async def _update_lora(self, update: LoraUpdate) -> None:
+    async def _update_lora(self, name: str, path: str | None) -> None:
+        """Send the update through the inbox (to the loop thread or the engine-core process, like a request) and wait
+        for its outcome in a step report (which updates lora_names, even if this caller is gone by then);
+        EngineDeadError if the engine ends first."""
         if not self.is_alive:
             raise EngineDeadError(self._error or "the engine is not running")
+        done: Future[None] = Future()
+        # Running: a caller that gives up (asyncio cancels the future it waits on) cannot cancel this one, so the step
+        # report can always set its outcome (setting a cancelled future raises, on the thread that delivers reports).
+        done.set_running_or_notify_cancel()
         with self._lock:
+            if self._has_failed_all:
+                raise EngineDeadError(self._error or "the engine was shut down")
+            self._num_lora_updates += 1
+            update = LoraUpdate(self._num_lora_updates, name, path)
+            self._lora_updates[update.update_id] = (update, done)
             self._inbox.append(update)
         self._wakeup.set()
-        await asyncio.wrap_future(update.done)
+        await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -175,9 +188,22 @@ class AsyncEngine:
             # Stats first: whoever receives a final output must not then read stats that still show it running.
             self._stats = report.stats
             self._num_in_flight -= report.num_adds
+            updates = []
+            for update_id, exc in report.lora_results:
+                update, done = self._lora_updates.pop(update_id)
+                if exc is None and update.path is None:
+                    self.lora_names.remove(update.name)
+                elif exc is None:
+                    self.lora_names.append(update.name)
+                updates.append((done, exc))
         items: list[tuple[str, _Item]] = [(output.request_id, output) for output in report.outputs]
         items += report.failures
         self._deliver_all(items)
+        for done, exc in updates:  # after the lock: the waiting coroutine's loop may run at once
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
 
     def _on_exit(self, why: str | None) -> None:
         self._error = why
@@ -199,7 +225,10 @@ class AsyncEngine:
         with self._lock:
             self._has_failed_all = True
             request_ids = list(self._queues)
+            updates, self._lora_updates = list(self._lora_updates.values()), {}
         self._deliver_all([(request_id, exc) for request_id in request_ids])
+        for _, done in updates:  # an adapter update the core never answered
+            done.set_exception(exc)
 
 
 def _put_all(puts: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:

@@ -138,9 +138,6 @@ class EngineConfig:
             raise ConfigError("max_cpu_loras", message)
         if self.is_lora_enabled and self.tensor_parallel_size > 1:
             raise ConfigError("lora_modules", "LoRA adapters are not supported with tensor_parallel_size > 1 yet")
-        if self.enable_lora_runtime_updates and self.engine_process:
-            message = "enable_lora_runtime_updates is not supported with engine_process yet (adapters at start-up are)"
-            raise ConfigError("enable_lora_runtime_updates", message)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -26,20 +25,21 @@ from engine.errors import (
 )
 from engine.llm_engine import LLMEngine, StepResult
 from engine.loader import ModelLoadError
+from engine.lora import LoraError
 from engine.outputs import EngineStats, RequestOutput
 from engine.prompts import Prompt
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LoraUpdate:
-    """Load (path set) or unload (path None) a LoRA adapter between steps; `done` gets None or the error. In-process
-    cores only (EngineConfig refuses runtime updates with engine_process)."""
+    """Load (path set) or unload (path None) a LoRA adapter between steps. Plain data, so it crosses the engine-core
+    pipe like a request; its outcome comes back in that step's report (StepReport.lora_results, by update_id)."""
 
+    update_id: int
     name: str
     path: str | None
-    done: Future[None]
 
 
 # A new request (id, prepared prompt ids, params), an id to abort, or an adapter update
@@ -48,7 +48,15 @@ ErrorInfo = tuple[str, str, str | None]  # (exception type name, message, param 
 
 _ERRORS: dict[str, type[Exception]] = {  # the engine's own types whose constructor takes just a message
     cls.__name__: cls
-    for cls in (EngineError, EngineOverloadedError, EngineDeadError, RequestFailedError, RankFailedError, ModelLoadError)
+    for cls in (
+        EngineError,
+        EngineOverloadedError,
+        EngineDeadError,
+        RequestFailedError,
+        RankFailedError,
+        ModelLoadError,
+        LoraError,
+    )
 }
 
 
@@ -99,13 +107,17 @@ class StepReport:
     num_adds: int  # new requests the core took from the inbox for this step
     outputs: list[RequestOutput]
     failures: list[tuple[str, Exception]]  # requests that failed (refused on add, or failed in the step)
+    lora_results: list[tuple[int, Exception | None]] = field(default_factory=list)  # (update_id, its error or None)
 
     def __getstate__(self) -> tuple:
-        return self.stats, self.num_adds, self.outputs, [(request_id, error_info(exc)) for request_id, exc in self.failures]
+        failures = [(request_id, error_info(exc)) for request_id, exc in self.failures]
+        lora_results = [(update_id, None if exc is None else error_info(exc)) for update_id, exc in self.lora_results]
+        return self.stats, self.num_adds, self.outputs, failures, lora_results
 
     def __setstate__(self, state: tuple) -> None:
-        self.stats, self.num_adds, self.outputs, failures = state
+        self.stats, self.num_adds, self.outputs, failures, lora_results = state
         self.failures = [(request_id, rebuild_error(info)) for request_id, info in failures]
+        self.lora_results = [(update_id, None if info is None else rebuild_error(info)) for update_id, info in lora_results]
 
 
 class EngineCore:
@@ -125,12 +137,13 @@ class EngineCore:
     def step(self, inbox: list[InboxItem]) -> StepReport:
         num_adds = 0
         failures: list[tuple[str, Exception]] = []
+        lora_results: list[tuple[int, Exception | None]] = []
         for item in inbox:
             if isinstance(item, str):
                 self.engine.abort(item)
                 continue
             if isinstance(item, LoraUpdate):
-                _update_lora(self.engine, item)
+                lora_results.append((item.update_id, _update_lora(self.engine, item)))
                 continue
             num_adds += 1
             request_id, prompt_ids, params = item
@@ -144,22 +157,24 @@ class EngineCore:
             outputs = result.outputs
             for request_id, exc in result.failed:
                 failures.append((request_id, RequestFailedError(f"request failed in the engine: {exc}")))
-        return StepReport(self.engine.stats(), num_adds, outputs, failures)
+        return StepReport(self.engine.stats(), num_adds, outputs, failures, lora_results)
 
     def close(self) -> None:
         self.engine.close()
 
 
-def _update_lora(engine: LLMEngine, update: LoraUpdate) -> None:
+def _update_lora(engine: CoreEngine, update: LoraUpdate) -> Exception | None:
+    """Apply one adapter update -> None, or the caller's error to report (bad folder, unknown name), not the loop's."""
+    if not isinstance(engine, LLMEngine):
+        return LoraError("this engine serves no LoRA adapters")
     try:
         if update.path is None:
             engine.remove_lora(update.name)
         else:
             engine.add_lora(update.name, update.path)
-    except Exception as exc:  # the caller's error to report (bad folder, unknown name), not the loop's
-        update.done.set_exception(exc)
-    else:
-        update.done.set_result(None)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from gateway.lora import LoadLoraRequest, UnloadLoraRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.replies import (
     ChatCompletionChunk,
@@ -133,6 +134,40 @@ def _tokenizer_route(summary: str, requests: list[type[BaseModel]], response: ty
     return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
 
 
+def _lora_routes() -> dict[str, Any]:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's shape): a plain-text 200, or a 404 while runtime
+    updates are off (the default), for an engine without adapters, or for a name not loaded."""
+    error = _json(ErrorResponse)
+    errors = {status: {"description": text, "content": error} for status, text in _ERRORS.items() if status != "429"}
+    ok = {"description": "Success, as one line of text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    def route(summary: str, request: type[BaseModel], bad: str, missing: str) -> dict[str, Any]:
+        responses = {
+            **errors,
+            "200": ok,
+            "400": {"description": bad, "content": error},
+            "404": {"description": missing, "content": error},
+        }
+        body = {"required": True, "content": _json(request)}
+        return {"post": {"summary": summary, "requestBody": body, "responses": responses, "security": [{"bearer": []}, {}]}}
+
+    off = "Runtime LoRA updates are off (SIROCCO_ENABLE_LORA_RUNTIME_UPDATES)"
+    return {
+        "/v1/load_lora_adapter": route(
+            "Load a LoRA adapter under a name (vLLM's extension)",
+            LoadLoraRequest,
+            "Malformed body, a name already served, or an adapter that cannot be served (the message says why)",
+            off,
+        ),
+        "/v1/unload_lora_adapter": route(
+            "Unload a LoRA adapter by name (vLLM's extension)",
+            UnloadLoraRequest,
+            "Malformed body",
+            f"{off}, or no adapter of that name is loaded",
+        ),
+    }
+
+
 def openapi_spec(title: str, version: str) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [
         (CompletionRequest, "validation"),
@@ -152,6 +187,8 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
         (ResponseObject, "serialization"),
         (InputItemList, "serialization"),
         (DeletedResponse, "serialization"),
+        (LoadLoraRequest, "validation"),
+        (UnloadLoraRequest, "validation"),
     ]
     _, schema = models_json_schema(models, ref_template=_REF)
     plain = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -162,6 +199,7 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
             "Chat completion", ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk
         ),
         **_responses_routes(),
+        **_lora_routes(),
         "/v1/models": {
             "get": {
                 "summary": "The served model",

@@ -1,6 +1,6 @@
 """LoRA adapters through the real server and the openai SDK: /v1/models lists them with their parent, a request names
 one in `model` (chat, completions, Responses), unknown names are 404s naming what is served, and adapters load and
-unload at runtime while other requests run, losing none."""
+unload at runtime while other requests run, losing none; with the engine core on a thread and in its own process."""
 
 from __future__ import annotations
 
@@ -30,16 +30,19 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_dir: pathlib
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=[False, True], ids=["engine_thread", "engine_process"])
 def server(
     tmp_path_factory: pytest.TempPathFactory,
     embedded_model_dir: pathlib.Path,
     tiny_mistral_dir: pathlib.Path,
     adapters: dict[str, pathlib.Path],
+    request: pytest.FixtureRequest,
 ) -> Iterator[ServerProcess]:
+    """The same server with the engine core on a thread, then in its own process (adapter updates cross its pipe)."""
     yield from start_server(
         tmp_path_factory,
         embedded_model_dir,
+        SIROCCO_ENGINE_PROCESS=str(request.param).lower(),
         SIROCCO_MODEL=str(tiny_mistral_dir),
         SIROCCO_SERVED_MODEL_NAME=BASE,
         SIROCCO_LORA_MODULES=f"support={adapters['support']}",

@@ -17,6 +17,7 @@ from engine.core_client import ProcessCoreClient
 from engine.engine_core import EngineCore, StepReport, error_info, rebuild_error
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from engine.loader import ModelLoadError
+from engine.lora import LoraError
 from engine.outputs import EngineStats, RequestOutput
 
 PROMPT = [100, 200, 300, 400, 500, 600, 700]
@@ -73,6 +74,7 @@ ERRORS = [
     ModelLoadError("no config.json"),
     RequestFailedError("request failed in the engine: boom"),
     EngineOverloadedError("full"),
+    LoraError("LoRA adapter 'x' is already loaded"),
     FileNotFoundError("/nowhere"),
 ]
 
@@ -85,13 +87,17 @@ def test_errors_cross_the_pipe_intact(exc: Exception) -> None:
     assert getattr(rebuilt, "field", None) == getattr(exc, "field", None)
 
 
-def test_a_step_report_pickles_its_failures_as_error_info() -> None:
+def test_a_step_report_pickles_its_failures_and_adapter_outcomes_as_error_info() -> None:
     stats = EngineStats(True, None, 3, 0, 8, 5, 0.375, 7, 2, 0, 7, 0)
-    report = StepReport(stats, 2, [RequestOutput("r", [], [])], [(f"r{i}", exc) for i, exc in enumerate(ERRORS)])
+    failures = [(f"r{i}", exc) for i, exc in enumerate(ERRORS)]
+    lora_results: list[tuple[int, Exception | None]] = [(1, None), (2, LoraError("LoRA adapter folder /x does not exist"))]
+    report = StepReport(stats, 2, [RequestOutput("r", [], [])], failures, lora_results)
     back = pickle.loads(pickle.dumps(report))
     assert back.stats == stats and back.num_adds == 2 and back.outputs[0].request_id == "r"
     assert [(r, type(e), str(e)) for r, e in back.failures] == [(r, type(e), str(e)) for r, e in report.failures]
     assert back.failures[0][1].param == "prompt"  # type: ignore[attr-defined]
+    (first, no_error), (second, error) = back.lora_results  # adapter updates' outcomes, by update id
+    assert (first, no_error, second) == (1, None, 2) and isinstance(error, LoraError) and "/x" in str(error)
 
 
 def test_an_unknown_error_type_becomes_a_runtime_error_naming_it() -> None:

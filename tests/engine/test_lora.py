@@ -4,6 +4,8 @@ adapter, adapter slots under contention and preemption, runtime load/unload, and
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import pathlib
 import re
@@ -11,9 +13,10 @@ import shutil
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.errors import InvalidRequestError
+from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.lora import LoraError, parse_lora_modules
+from tests.conditions import async_wait_until
 from tests.engine.lora_helpers import ATTENTION, peft_greedy, write_adapter, write_tiny_llama
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,6 +30,7 @@ ADAPTERS = {
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPT = list(range(100, 140))  # 40 tokens: over two full KV blocks, so a shared prefix cache would show
+BOUND_S = 120.0  # turns a hang into a failure; never reached on a healthy run
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +137,53 @@ def test_runtime_load_unload_and_reload(tiny_mistral_dir: pathlib.Path, mistral_
         LLM(model=str(tiny_mistral_dir), lora_modules=f"x={mistral_adapters['all16']}"), PROMPT, lora("x")
     )
     assert tokens(llm, PROMPT, lora("x")) != first
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine_thread", "engine_process"])
+def test_async_engine_loads_and_unloads_through_its_inbox(
+    tiny_mistral_dir: pathlib.Path, mistral_adapters: dict[str, pathlib.Path], engine_process: bool
+) -> None:
+    """Adapter updates ride the inbox requests take, to the loop thread or across the engine-core process's pipe, and
+    come back in a step report: errors keep their type (LoraError), and lora_names follows what the core serves."""
+    config = EngineConfig(
+        model=str(tiny_mistral_dir), enable_lora_runtime_updates=True, max_loras=1, engine_process=engine_process
+    )
+    engine = AsyncEngine(config)
+    engine.start()
+    expected = tokens(LLM(model=str(tiny_mistral_dir), lora_modules=f"x={mistral_adapters['attn8']}"), PROMPT, lora("x"))
+
+    async def run(name: str | None) -> list[int]:
+        deltas = [delta async for delta in engine.generate(f"r{next(request_ids)}", PROMPT, lora(name))]
+        return [token for delta in deltas for token in delta.outputs[0].token_ids]
+
+    async def scenario() -> None:
+        await engine.load_lora_adapter("x", str(mistral_adapters["attn8"]))
+        assert engine.lora_names == ["x"]
+        assert await run("x") == expected != await run(None)
+        with pytest.raises(LoraError, match="already loaded"):
+            await engine.load_lora_adapter("x", str(mistral_adapters["all16"]))
+        with pytest.raises(LoraError, match="does not exist"):
+            await engine.load_lora_adapter("y", "/nonexistent")
+        await engine.unload_lora_adapter("x")
+        assert engine.lora_names == []
+        with pytest.raises(InvalidRequestError, match="not served"):
+            await run("x")
+        with pytest.raises(LoraError, match="not loaded"):
+            await engine.unload_lora_adapter("x")
+        # A caller that gives up (an HTTP client gone) does not stop the update, nor break the loop
+        loading = asyncio.create_task(engine.load_lora_adapter("x", str(mistral_adapters["attn8"])))
+        await asyncio.sleep(0)  # the task runs up to its wait for the outcome: the update is in the inbox
+        loading.cancel()
+        await async_wait_until(lambda: engine.lora_names == ["x"], "the abandoned load to apply", BOUND_S)
+        assert engine.is_alive and await run("x") == expected
+
+    request_ids = itertools.count()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), BOUND_S))
+    finally:
+        engine.shutdown()
+    with pytest.raises(EngineDeadError):
+        asyncio.run(engine.load_lora_adapter("x", str(mistral_adapters["attn8"])))
 
 
 def _copy_with_config(src: pathlib.Path, dst: pathlib.Path, **changes: object) -> pathlib.Path:

@@ -83,6 +83,8 @@ def test_openapi_describes_our_endpoints(client: TestClient) -> None:
         "/v1/responses/{response_id}/cancel",
         "/v1/models",
         "/v1/models/{model_id}",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
         "/tokenize",
         "/detokenize",
         "/health",

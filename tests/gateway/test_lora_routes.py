@@ -71,3 +71,19 @@ def test_load_and_unload(make_client: Callable[..., TestClient]) -> None:
         assert response.status_code == status and text in response.json()["error"]["message"], (body, response.text)
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "legal"}).status_code == 200
     assert client.post("/v1/completions", json={"model": "legal", "prompt": "a"}).status_code == 404
+
+
+def test_openapi_lists_the_load_and_unload_routes_with_their_bodies(make_client: Callable[..., TestClient]) -> None:
+    spec = make_client().get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, model, required in (
+        ("/v1/load_lora_adapter", "LoadLoraRequest", ["lora_name", "lora_path"]),
+        ("/v1/unload_lora_adapter", "UnloadLoraRequest", ["lora_name"]),
+    ):
+        post = spec["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert sorted(schemas[model]["required"]) == sorted(required)
+        assert "text/plain" in post["responses"]["200"]["content"]
+        # the 404 a server with runtime updates off answers (the default) is a documented status, so fuzzers accept it
+        assert "SIROCCO_ENABLE_LORA_RUNTIME_UPDATES" in post["responses"]["404"]["description"]
+    assert "lora_int_id" in schemas["UnloadLoraRequest"]["properties"]
