@@ -40,27 +40,27 @@ int quant_kernels_supported(void) {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-/* The weights of one group of 8 rows: where its blocks start, and how to turn block b's k into 8 floats. */
+/* The weights of one group of 8 rows. Functions taking `bits` (4 or 8) are inlined into a copy per format, so that the
+ * inner loops hold no test of it (a value passed into an OpenMP region would stay a run-time one). */
 typedef struct {
-  int bits;  // 4 or 8
   const uint8_t *qs;  // the group's first block
   const uint16_t *d, *z;  // the group's scales (and int4 zeros), 8 per block
 } Group;
 
 INLINE Group group_at(int bits, const uint8_t *qs, const uint16_t *d, const uint16_t *z, int64_t g, int64_t nb) {
-  Group out = {bits, qs + g * nb * (bits == 4 ? 128 : 256), d + g * nb * 8, z == NULL ? NULL : z + g * nb * 8};
+  Group out = {qs + g * nb * (bits == 4 ? 128 : 256), d + g * nb * 8, z == NULL ? NULL : z + g * nb * 8};
   return out;
 }
 
 /* The 8 rows' w at k = 32b + 16h + 4t + j (int4) or 32b + 4s + j, s = 4h + t (int8): raw is the 32 bytes holding them.
  * int4: a shift and a mask pick the nibble; int8: shifting byte j to the top and back (arithmetic) sign-extends it. */
-INLINE __m256i load_raw(const Group *g, int64_t b, int h, int t) {
-  const int64_t offset = g->bits == 4 ? b * 128 + t * 32 : b * 256 + (4 * h + t) * 32;
+INLINE __m256i load_raw(int bits, const Group *g, int64_t b, int h, int t) {
+  const int64_t offset = bits == 4 ? b * 128 + t * 32 : b * 256 + (4 * h + t) * 32;
   return _mm256_loadu_si256((const __m256i *)(g->qs + offset));
 }
 
-INLINE __m256 weight_at(const Group *g, __m256i raw, __m256 d, __m256 z, int h, int j) {
-  if (g->bits == 4) {
+INLINE __m256 weight_at(int bits, __m256i raw, __m256 d, __m256 z, int h, int j) {
+  if (bits == 4) {
     const __m256i q = _mm256_and_si256(_mm256_srli_epi32(raw, 8 * j + 4 * h), _mm256_set1_epi32(0x0F));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, z);
   }
@@ -68,27 +68,27 @@ INLINE __m256 weight_at(const Group *g, __m256i raw, __m256 d, __m256 z, int h, 
   return _mm256_mul_ps(q, d);
 }
 
-INLINE __m256 scales(const uint16_t *s, int64_t b) {
-  return s == NULL ? _mm256_setzero_ps() : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + b * 8)));
-}
+INLINE __m256 scales(const uint16_t *s, int64_t b) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + b * 8))); }
+
+INLINE __m256 zeros(int bits, const uint16_t *z, int64_t b) { return bits == 4 ? scales(z, b) : _mm256_setzero_ps(); }
 
 /* direct: R rows of x against G groups of 8 weight rows (R * G <= 4 chains, a group for each while R is small, which
  * keeps 4 FMA chains in flight: one chain would wait out the FMA latency at every k), w unpacked in registers. */
-INLINE void direct_tile(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+INLINE void direct_tile(int bits, const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
   __m256 acc[DIRECT_ROWS][4];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < G; c++) acc[r][c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 32; b++) {
     __m256 d[4], z[4];
-    for (int c = 0; c < G; c++) d[c] = scales(gs[c].d, b), z[c] = scales(gs[c].z, b);
+    for (int c = 0; c < G; c++) d[c] = scales(gs[c].d, b), z[c] = zeros(bits, gs[c].z, b);
     for (int h = 0; h < 2; h++) {
       for (int t = 0; t < 4; t++) {
         __m256i raw[4];
-        for (int c = 0; c < G; c++) raw[c] = load_raw(&gs[c], b, h, t);
+        for (int c = 0; c < G; c++) raw[c] = load_raw(bits, &gs[c], b, h, t);
         for (int j = 0; j < 4; j++) {
           const int64_t k = 32 * b + 16 * h + 4 * t + j;
           for (int c = 0; c < G; c++) {
-            const __m256 w = weight_at(&gs[c], raw[c], d[c], z[c], h, j);
+            const __m256 w = weight_at(bits, raw[c], d[c], z[c], h, j);
             for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * K + k), acc[r][c]);
           }
         }
@@ -99,32 +99,32 @@ INLINE void direct_tile(const Group *gs, int G, const float *x, int64_t K, int R
     for (int c = 0; c < G; c++) _mm256_storeu_ps(out + r * N + 8 * c, acc[r][c]);
 }
 
-KERNEL static void direct_rows(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+INLINE void direct_rows(int bits, const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
   // One specialisation per (G, R): the compiler keeps the accumulators in registers only when both are constants.
   // 1 row takes up to 4 groups per call; more rows take 1 or 2 (the caller splits).
   switch (G * 4 + R) {
-    case 5: direct_tile(gs, 1, x, K, 1, out, N); break;
-    case 6: direct_tile(gs, 1, x, K, 2, out, N); break;
-    case 7: direct_tile(gs, 1, x, K, 3, out, N); break;
-    case 9: direct_tile(gs, 2, x, K, 1, out, N); break;
-    case 10: direct_tile(gs, 2, x, K, 2, out, N); break;
-    case 11: direct_tile(gs, 2, x, K, 3, out, N); break;
-    case 13: direct_tile(gs, 3, x, K, 1, out, N); break;
-    default: direct_tile(gs, 4, x, K, 1, out, N); break;
+    case 5: direct_tile(bits, gs, 1, x, K, 1, out, N); break;
+    case 6: direct_tile(bits, gs, 1, x, K, 2, out, N); break;
+    case 7: direct_tile(bits, gs, 1, x, K, 3, out, N); break;
+    case 9: direct_tile(bits, gs, 2, x, K, 1, out, N); break;
+    case 10: direct_tile(bits, gs, 2, x, K, 2, out, N); break;
+    case 11: direct_tile(bits, gs, 2, x, K, 3, out, N); break;
+    case 13: direct_tile(bits, gs, 3, x, K, 1, out, N); break;
+    default: direct_tile(bits, gs, 4, x, K, 1, out, N); break;
   }
 }
 
 /* panel: G groups' w for k in [k0, k0 + kc) into panel[kk][8G] (the same weight_at as direct: the same floats). */
-KERNEL static void fill_panel(const Group *gs, int G, int64_t k0, int64_t kc, float *panel) {
+INLINE void fill_panel(int bits, const Group *gs, int G, int64_t k0, int64_t kc, float *panel) {
   for (int c = 0; c < G; c++) {
     for (int64_t b = k0 / 32; b < (k0 + kc) / 32; b++) {
-      const __m256 d = scales(gs[c].d, b), z = scales(gs[c].z, b);
+      const __m256 d = scales(gs[c].d, b), z = zeros(bits, gs[c].z, b);
       for (int h = 0; h < 2; h++) {
         for (int t = 0; t < 4; t++) {
-          const __m256i raw = load_raw(&gs[c], b, h, t);
+          const __m256i raw = load_raw(bits, &gs[c], b, h, t);
           for (int j = 0; j < 4; j++) {
             const int64_t kk = 32 * b + 16 * h + 4 * t + j - k0;
-            _mm256_store_ps(panel + kk * 8 * G + 8 * c, weight_at(&gs[c], raw, d, z, h, j));
+            _mm256_store_ps(panel + kk * 8 * G + 8 * c, weight_at(bits, raw, d, z, h, j));
           }
         }
       }
@@ -163,6 +163,20 @@ KERNEL static void panel_rows(const float *panel, int G, const float *x, int64_t
   }
 }
 
+/* One copy of each per format (see Group). */
+KERNEL static void direct_q4(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+  direct_rows(4, gs, G, x, K, R, out, N);
+}
+KERNEL static void direct_q8(const Group *gs, int G, const float *x, int64_t K, int R, float *out, int64_t N) {
+  direct_rows(8, gs, G, x, K, R, out, N);
+}
+KERNEL static void fill_panel_q4(const Group *gs, int G, int64_t k0, int64_t kc, float *panel) {
+  fill_panel(4, gs, G, k0, kc, panel);
+}
+KERNEL static void fill_panel_q8(const Group *gs, int G, int64_t k0, int64_t kc, float *panel) {
+  fill_panel(8, gs, G, k0, kc, panel);
+}
+
 /* out = x @ w.T for either format: weight rows 16 at a time over the threads; M < panel_min_rows runs direct.
  * Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
 /* out = x @ w.T for either format, split over the threads by weight rows: 32 at a time direct (M < panel_min_rows),
@@ -170,6 +184,8 @@ KERNEL static void panel_rows(const float *panel, int G, const float *x, int64_t
 KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
                                const uint16_t *z, int64_t N, float *out, int64_t panel_min_rows) {
   const int64_t nb = K / 32, num_groups = N / 8;
+  void (*const direct)(const Group *, int, const float *, int64_t, int, float *, int64_t) = bits == 4 ? direct_q4 : direct_q8;
+  void (*const fill)(const Group *, int, int64_t, int64_t, float *) = bits == 4 ? fill_panel_q4 : fill_panel_q8;
   if (M < panel_min_rows) {
 #pragma omp parallel for schedule(static)
     for (int64_t g0 = 0; g0 < num_groups; g0 += 4) {
@@ -179,11 +195,11 @@ KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, c
       for (int64_t m0 = 0; m0 < M; m0 += DIRECT_ROWS) {
         const int R = M - m0 < DIRECT_ROWS ? (int)(M - m0) : DIRECT_ROWS;
         if (R == 1) {
-          direct_rows(gs, G, x + m0 * K, K, 1, out + m0 * N + 8 * g0, N);
+          direct(gs, G, x + m0 * K, K, 1, out + m0 * N + 8 * g0, N);
           continue;
         }
         for (int c = 0; c < G; c += 2)  // 2 or 3 rows: 2 groups at a time
-          direct_rows(gs + c, G - c < 2 ? 1 : 2, x + m0 * K, K, R, out + m0 * N + 8 * (g0 + c), N);
+          direct(gs + c, G - c < 2 ? 1 : 2, x + m0 * K, K, R, out + m0 * N + 8 * (g0 + c), N);
       }
     }
     return 0;
@@ -201,7 +217,7 @@ KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, c
       const Group gs[2] = {group_at(bits, qs, d, z, 2 * p, nb), group_at(bits, qs, d, z, 2 * p + G - 1, nb)};
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = K - k0 < KC ? K - k0 : KC;
-        fill_panel(gs, G, k0, kc, panel);
+        fill(gs, G, k0, kc, panel);
         for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS)
           panel_rows(panel, G, x + m0 * K, K, k0, kc, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS,
                      out + m0 * N + 16 * p, N);
@@ -232,7 +248,7 @@ KERNEL static void dequantize(int bits, const uint8_t *qs, const uint16_t *d, co
     float panel[KC * 8] __attribute__((aligned(32)));
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
-      fill_panel(&gr, 1, k0, kc, panel);
+      (bits == 4 ? fill_panel_q4 : fill_panel_q8)(&gr, 1, k0, kc, panel);
       for (int64_t kk = 0; kk < kc; kk++)
         for (int i = 0; i < 8; i++) out[(8 * g + i) * K + k0 + kk] = panel[kk * 8 + i];
     }
