@@ -218,9 +218,14 @@ KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, c
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = K - k0 < KC ? K - k0 : KC;
         fill(gs, G, k0, kc, panel);
-        for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS)
-          panel_rows(panel, G, x + m0 * K, K, k0, kc, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS,
-                     out + m0 * N + 16 * p, N);
+        // Rows in tiles of (nearly) equal size: 8 rows as 4 + 4 rather than 6 + 2, whose 4 FMA chains would wait
+        // out the FMA latency.
+        const int64_t num_tiles = (M + TILE_ROWS - 1) / TILE_ROWS;
+        for (int64_t tile = 0, m0 = 0; tile < num_tiles; tile++) {
+          const int rows = (int)((M - m0) / (num_tiles - tile));  // the rest spread over the tiles left; at most 6
+          panel_rows(panel, G, x + m0 * K, K, k0, kc, rows, out + m0 * N + 16 * p, N);
+          m0 += rows;
+        }
       }
     }
     free(panel);
