@@ -25,7 +25,7 @@ SOURCE = pathlib.Path(__file__).with_name("csrc") / "cpu_layers.c"
 
 def fits(*tensors: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors as they are: fp32, on the CPU, contiguous."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 class LayerKernel:

@@ -23,8 +23,8 @@ HIDDEN, EPS = 576, 1e-5  # the embedded model's
 # after it are rounded alike, so the outputs differ by that much: 8 ulps (2^-21) of slack, far below any real error
 # (a wrong eps, mean or weight is off by 1e-5 or more).
 NORM_RTOL = 2.0**-21
-# 1, 7: single-thread rows; 33, 300: past PARALLEL_MIN_TOKENS (32), the OpenMP loop
-NUM_TOKENS = (1, 7, 33, 300)
+# 1, 7: rows on one thread; 65, 300: past PARALLEL_MIN_TOKENS (64), the OpenMP loop
+NUM_TOKENS = (1, 7, 65, 300)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_rms_norm_rows_do_not_depend_on_the_batch(kernel: LayerKernel) -> None:
     x, residual = torch.randn(300, HIDDEN, generator=gen), torch.randn(300, HIDDEN, generator=gen)
     whole = norm(x)
     whole_added, whole_residual = norm.add_and_norm(x.clone(), residual.clone())
-    for rows in (slice(0, 1), slice(37, 38), slice(290, 300), slice(5, 45)):
+    for rows in (slice(0, 1), slice(37, 38), slice(290, 300), slice(5, 45)):  # on one thread; the whole call: OpenMP
         assert torch.equal(norm(_misaligned(x[rows])), whole[rows])
         got, got_residual = norm.add_and_norm(_misaligned(x[rows]), _misaligned(residual[rows]))
         assert torch.equal(got, whole_added[rows]) and torch.equal(got_residual, whole_residual[rows])
@@ -87,11 +87,12 @@ def _rotary() -> RotaryEmbedding:
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 3, 1, 32  # CONFIG's
 QKV_WIDTH = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
-NUM_SLOTS = 4 * 16
+NUM_BLOCKS, BLOCK_SIZE = 8, 16
+NUM_SLOTS = NUM_BLOCKS * BLOCK_SIZE
 
 
 def _caches() -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (4, 16, NUM_KV_HEADS, HEAD_DIM)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)  # [num_blocks, block_size, num_kv_heads, head_dim]
     return torch.full(shape, float("nan")), torch.full(shape, float("nan"))
 
 
@@ -101,7 +102,7 @@ def test_rotary_and_kv_write_match_the_pytorch_path_bit_for_bit(kernel: LayerKer
     gen = torch.Generator().manual_seed(3)
     rotary = _rotary()
     assert rotary.cos_signed_sin is not None
-    for num_tokens in (1, 7, 33, 64):
+    for num_tokens in (1, 7, 65, NUM_SLOTS):
         qkv = torch.randn(num_tokens, QKV_WIDTH, generator=gen) * 5
         positions = torch.randint(0, CONFIG.max_position_embeddings, (num_tokens,), generator=gen)
         slots = torch.randperm(NUM_SLOTS, generator=gen)[:num_tokens]
@@ -124,7 +125,7 @@ def test_rotary_rows_do_not_depend_on_the_batch(kernel: LayerKernel) -> None:
     positions, slots = torch.randint(0, 4096, (NUM_SLOTS,), generator=gen), torch.arange(NUM_SLOTS)
     whole_caches = _caches()
     whole_q = kernel.rotary_write_kv(positions, qkv, NUM_HEADS, table, *whole_caches, slots)
-    for rows in (slice(0, 1), slice(40, 41), slice(3, 40)):
+    for rows in (slice(0, 1), slice(100, 101), slice(3, 40)):  # on one thread; the whole call, 128 rows: OpenMP
         caches = _caches()
         got_q = kernel.rotary_write_kv(positions[rows], _misaligned(qkv[rows]), NUM_HEADS, table, *caches, slots[rows])
         assert torch.equal(got_q, whole_q[rows])

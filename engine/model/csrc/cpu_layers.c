@@ -18,9 +18,10 @@
 #include <stdint.h>
 #include <string.h>
 
-/* From this many tokens on, the rows are shared among OpenMP threads; below it a parallel region costs more than the
- * rows (a decode step's rows take well under a microsecond each). */
-#define PARALLEL_MIN_TOKENS 32
+/* From this many tokens on (prefill chunks, large decode batches), the rows are shared among OpenMP threads. A norm's
+ * row takes about 0.25 us on one core: below this, waking a second thread (on a shared box, one that may be descheduled)
+ * costs more than it saves. */
+#define PARALLEL_MIN_TOKENS 64
 #define LANES 8
 
 /* out = x / sqrt(mean(x^2) + eps) * weight, with Hugging Face's rounding of the two products. The sum of squares is
