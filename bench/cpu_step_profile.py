@@ -6,8 +6,9 @@ detailed story about <topic>", temperature 0.7, seeded, EOS ignored), steps unti
   2. profiles as many more under torch.profiler, with record_function labels put around the engine's parts from
      outside (nothing is added to engine/): schedule, input preparation, the model's forward split into linear layers
      (every nn.Linear: q/k/v, o, gate/up, down), attention (the K/V write and paged attention, the C decode kernel
-     included), norms (RMSNorm, the residual add it does), rotary, and the rest of the forward (embedding, SiLU * up,
-     reshapes); logits (lm_head), sampler, and postprocess (finishing the step, detokenizing, building outputs).
+     included), norms (RMSNorm, the residual add it does), rotary (the q/k/v views too, and with the C layer kernel the
+     K/V write, which it does in the same call), and the rest of the forward (embedding, SiLU * up, reshapes); logits
+     (lm_head), sampler, and postprocess (finishing the step, detokenizing, building outputs).
      Each label's time is exclusive (its labelled children taken out), so the parts add up to the step;
   3. with --compile: each decoder layer's forward wrapped in torch.compile (inductor, dynamic shapes), attention left
      eager (torch.compiler.disable: the C kernel is a ctypes call), timed again after a warm-up that compiles it; the
@@ -67,6 +68,7 @@ def labels(llm: LLM, is_inside_forward: bool) -> Iterator[None]:
     if is_inside_forward:
         instance_patches += [(m, "forward", "linear") for m in model.modules() if isinstance(m, nn.Linear)]  # lm_head unused
         class_patches += [(RMSNorm, "forward", "norm"), (RMSNorm, "add_and_norm", "norm"), (RotaryEmbedding, "forward", "rotary")]
+        class_patches += [(engine.model.mistral.MistralAttention, "_rotate_and_write", "rotary")]  # the C call, q/k/v views
         module_patches += [
             (engine.model.mistral, "paged_attention", "attention"),
             (engine.model.mistral, "write_kv", "attention"),

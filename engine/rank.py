@@ -1,6 +1,6 @@
 """One rank's share of the model, built in one place for rank 0 (LLMEngine) and for ranks 1..N-1 (distributed.py):
-its slice of the weights, its slice of the paged KV cache, and the CPU decode kernel. Weight formats and adapter slots
-plug in here (and in model/layers.py), not in LLMEngine.
+its slice of the weights, its slice of the paged KV cache, and the CPU kernels (decode attention; norms and rotary).
+Weight formats and adapter slots plug in here (and in model/layers.py), not in LLMEngine.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from engine.kv_cache import allocate_kv_cache
 from engine.loader import Quantization, load_model, quantization_of
 from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.cpu_layers import load_layer_kernel
 from engine.model.lora import LoraLinear, attach_lora
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.model.parallel import Partition
@@ -39,7 +40,7 @@ class RankSpec:
     device: str
     dtype: torch.dtype
     block_size: int
-    kernel_dir: Path | None  # where the C decode kernel is built (fp32 on CPU); None: the PyTorch reference path
+    kernel_dir: Path | None  # where the C kernels are built (fp32 on CPU); None: the PyTorch reference path
     quantization: Quantization | None = None  # weight-only quantization at load (loader.quantize); None: float weights
     max_loras: int = 0  # LoRA adapter slots (besides slot 0, the base model); 0: no LoRA layers
     max_lora_rank: int = 0
@@ -86,4 +87,7 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
         time.perf_counter() - start_s,
     )
     kernel = load_decode_kernel(spec.kernel_dir) if spec.kernel_dir is not None else None
+    layer_kernel = load_layer_kernel(spec.kernel_dir) if spec.kernel_dir is not None else None
+    if layer_kernel is not None:
+        model.use_cpu_layer_kernel(layer_kernel)
     return Rank(model, kv_cache, num_blocks, num_kv_heads, kernel, lora_layers)

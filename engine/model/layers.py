@@ -3,6 +3,8 @@
 On CUDA tensors the residual add + RMSNorm and SiLU * up run as fused Triton kernels (triton_layers.py), which tests
 check against the PyTorch code here; CPU tensors never reach them. On CPU the same arithmetic runs with fewer passes and
 new tensors (in-place ops, rotate-half as a roll by a sign-folded sine table), giving Hugging Face's results bit for bit.
+On fp32 CPU models the engine hands the norms and the rotary a C kernel (cpu_layers.py, set by engine/rank.py), which
+tests check against the PyTorch code here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.cpu_layers import LayerKernel, fits
 from engine.model.lora import LoraBatch, project
 from engine.model.parallel import Partition, RowParallelLinear
 
@@ -22,8 +25,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.cpu_kernel: LayerKernel | None = None  # fp32 CPU models: the C kernel (cpu_layers.py), set by the engine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel is not None and fits(x):  # CPU-only speedup: one C call instead of seven ops
+            return self.cpu_kernel.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 and cast back before the weight, exactly as Hugging Face does.
         x32 = x.float()
         inv_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # [num_tokens, 1]
@@ -35,6 +41,8 @@ class RMSNorm(nn.Module):
             from engine.model import triton_layers  # Triton comes with CUDA builds of torch; CPU installs need not have it
 
             return triton_layers.add_rms_norm(x, residual, self.weight, self.eps)
+        if self.cpu_kernel is not None and fits(x, residual):  # CPU-only speedup: one C call, in place like the GPU's
+            return self.cpu_kernel.add_rms_norm(x, residual, self.weight, self.eps)
         residual = residual.add_(x)  # the stream is the model's own tensor (embeddings, then these sums): add in place
         return self(residual), residual
 
@@ -66,6 +74,8 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.cos_sin: torch.Tensor | None = None  # [2, max_positions, head_dim]: cos, sin; built by build() (CUDA kernels)
         self.cos_signed_sin: torch.Tensor | None = None  # [2, max_positions, head_dim]: cos, sin with its first half negated
+        # fp32 CPU models: the C kernel (cpu_layers.py) that attention calls instead of forward + write_kv; set by the engine
+        self.cpu_kernel: LayerKernel | None = None
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)

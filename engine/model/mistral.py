@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.config import ModelConfig
+from engine.model.cpu_layers import LayerKernel, fits
 from engine.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from engine.model.lora import project
 from engine.model.parallel import WHOLE, Partition, RowParallelLinear
@@ -46,7 +47,20 @@ class MistralAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = project(self.qkv_proj, x, meta.lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = project(self.qkv_proj, x, meta.lora)  # [num_tokens, q_size + 2 * kv_size]
+        q = self._rotate_and_write(positions, qkv, kv, meta)  # [num_tokens, num_heads, head_dim]
+        out = paged_attention(q, kv[0], kv[1], meta, self.scale, self.sliding_window)  # [num_tokens, num_heads, head_dim]
+        return project(self.o_proj, out.reshape(num_tokens, self.q_size), meta.lora)
+
+    def _rotate_and_write(
+        self, positions: torch.Tensor, qkv: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Rotary on q and k, this step's K/V written to the cache -> q rotated [num_tokens, num_heads, head_dim]."""
+        kernel, cos_signed_sin = self.rotary_emb.cpu_kernel, self.rotary_emb.cos_signed_sin
+        if kernel is not None and cos_signed_sin is not None and fits(qkv, *kv):  # CPU-only speedup: one C call
+            return kernel.rotary_write_kv(positions, qkv, self.num_heads, cos_signed_sin, kv[0], kv[1], meta.slot_mapping)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -58,8 +72,7 @@ class MistralAttention(nn.Module):
         else:
             q, k = self.rotary_emb(positions, q, k)
             write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(q, kv[0], kv[1], meta, self.scale, self.sliding_window)  # [num_tokens, num_heads, head_dim]
-        return project(self.o_proj, out.reshape(num_tokens, self.q_size), meta.lora)
+        return q
 
 
 class MistralDecoderLayer(nn.Module):
@@ -152,6 +165,12 @@ class MistralForCausalLM(nn.Module):
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
             self.cpu_logits_weight = (weight.detach().to_mkldnn(), bias.to_mkldnn())
+
+    def use_cpu_layer_kernel(self, kernel: LayerKernel) -> None:
+        """fp32 CPU only: run the norms, the rotary and the K/V write through the C kernel of cpu_layers.py."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | RotaryEmbedding):
+                module.cpu_kernel = kernel
 
     def packed_shard_sizes(self, fused_name: str) -> list[int]:
         """Rows of each Hugging Face tensor inside our fused matrix (this rank's slice of each)."""

@@ -10,12 +10,17 @@ from engine.kv_cache import allocate_kv_cache
 from engine.loader import load_model, read_model_config
 from engine.model import AttentionMetadata, MistralForCausalLM
 from engine.model.cpu_attention import DecodeKernel
+from engine.model.cpu_layers import LayerKernel
 
 BLOCK_SIZE = 16
 
 
-def load(model_dir: pathlib.Path) -> MistralForCausalLM:
-    return load_model(model_dir, read_model_config(model_dir), torch.device("cpu"), torch.float32)
+def load(model_dir: pathlib.Path, layer_kernel: LayerKernel | None = None) -> MistralForCausalLM:
+    """fp32 on CPU; layer_kernel: the C norms and rotary, as the engine attaches them (None: the PyTorch path)."""
+    model = load_model(model_dir, read_model_config(model_dir), torch.device("cpu"), torch.float32)
+    if layer_kernel is not None:
+        model.use_cpu_layer_kernel(layer_kernel)
+    return model
 
 
 @torch.inference_mode()

@@ -9,47 +9,50 @@ import pytest
 import torch
 
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
+from engine.model.cpu_layers import LayerKernel, load_layer_kernel
 from tests.engine.model_helpers import hf_logits, load, paged_logits
 
 TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module", params=["reference", "c_kernel"])
-def decode_kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DecodeKernel | None:
-    """Decode steps through the PyTorch reference, then through the C kernel the engine uses on CPU."""
+Kernels = tuple[DecodeKernel | None, LayerKernel | None]
+
+
+@pytest.fixture(scope="module", params=["reference", "c_kernels"])
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Kernels:
+    """The PyTorch reference path, then the C kernels the engine uses on fp32 CPU: decode attention, norms and rotary."""
     if request.param == "reference":
-        return None
+        return None, None
     if shutil.which("gcc") is None:
         pytest.skip("no gcc: the engine uses the reference path")
-    kernel = load_decode_kernel(tmp_path_factory.mktemp("cache"))
-    assert kernel is not None
-    return kernel
+    cache = tmp_path_factory.mktemp("cache")
+    decode_kernel, layer_kernel = load_decode_kernel(cache), load_layer_kernel(cache)
+    assert decode_kernel is not None and layer_kernel is not None
+    return decode_kernel, layer_kernel
 
 
 def _ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_embedded_model_matches_transformers(embedded_model_dir: pathlib.Path, decode_kernel: DecodeKernel | None) -> None:
-    model = load(embedded_model_dir)
+def test_embedded_model_matches_transformers(embedded_model_dir: pathlib.Path, kernels: Kernels) -> None:
+    model = load(embedded_model_dir, kernels[1])
     ids = _ids(70, model.config.vocab_size, seed=1)
     expected = hf_logits(embedded_model_dir, ids)
     # prefill 20 + 20 + 10, then 20 single-token decodes
-    got = paged_logits(model, ids, prefill_len=50, chunk=20, decode_kernel=decode_kernel)
+    got = paged_logits(model, ids, prefill_len=50, chunk=20, decode_kernel=kernels[0])
     diff = (got - expected).abs().max(dim=-1).values
     assert diff.max().item() <= TOLERANCE, f"max abs logit difference per position: {diff.tolist()}"
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_mistral_dir", "tiny_mistral_sliding_dir"])
-def test_tiny_mistral_matches_transformers(
-    fixture: str, request: pytest.FixtureRequest, decode_kernel: DecodeKernel | None
-) -> None:
+def test_tiny_mistral_matches_transformers(fixture: str, request: pytest.FixtureRequest, kernels: Kernels) -> None:
     model_dir: pathlib.Path = request.getfixturevalue(fixture)
-    model = load(model_dir)
+    model = load(model_dir, kernels[1])
     ids = _ids(60, model.config.vocab_size, seed=2)  # longer than the sliding window (8) and than several blocks
     expected = hf_logits(model_dir, ids)
-    got = paged_logits(model, ids, prefill_len=37, chunk=13, decode_kernel=decode_kernel)
+    got = paged_logits(model, ids, prefill_len=37, chunk=13, decode_kernel=kernels[0])
     assert (got - expected).abs().max().item() <= TOLERANCE
     assert expected.std().item() > 0.1  # the random model's logits are far from flat, so the check means something
 
