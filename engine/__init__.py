@@ -1,5 +1,12 @@
 """Sirocco's engine: the only names the gateway may import."""
 
+import os
+
+# OpenMP workers sleep between parallel regions instead of spinning, so that a team as large as the CPU count never
+# holds a CPU the server's event loop needs (engine/threads.py says what spinning cost). libgomp reads this once, when
+# torch loads it, which is below; a value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from engine.async_engine import AsyncEngine
 from engine.client import EngineClient, LoraClient
 from engine.config import ConfigError, EngineConfig

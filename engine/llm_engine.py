@@ -50,7 +50,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PENDING_TOKEN_ID, Sequence
 from engine.structured import StructuredOutputManager
-from engine.threads import set_torch_threads
+from engine.threads import SMALL_STEP_TOKENS, StepThreads, set_torch_threads
 from engine.tokenizer import StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device, self.dtype = resolve_device_dtype(config)
+        self.step_threads: StepThreads | None = None  # CPU: one thread for small steps, the whole team for the others
         if self.device.type == "cpu":
-            logger.info("torch threads: %d", set_torch_threads(config.num_threads))
+            self.step_threads = StepThreads(set_torch_threads(config.num_threads))
+            logger.info("torch threads: %d (1 for steps under %d tokens)", self.step_threads.num_threads, SMALL_STEP_TOKENS)
         model_dir = resolve_model_dir(config)
         self.model_dir = model_dir
         self.model_config = read_model_config(model_dir)
@@ -292,6 +294,8 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_s is None:
                 seq.first_scheduled_s = now
+        if self.step_threads is not None:
+            self.step_threads.fit(sum(batch.num_new_tokens))
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
         rows = [self._sample_row(batch.seqs[i]) for i in sampling]
         ks = [self.requests[seq.request_id].params.prompt_logprobs if seq.is_scoring_prompt else None for seq in batch.seqs]

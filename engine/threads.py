@@ -1,7 +1,8 @@
 """The CPUs this process may use (its CPU affinity and the cgroup v2 quota a container limit sets) and torch's thread pool.
 
 Reads OS state only, never environment variables. torch's own default is the host's physical core count, which
-oversubscribes a container limited to a few CPUs. The default leaves one usable CPU free (see `set_torch_threads`).
+oversubscribes a container limited to a few CPUs. The default is the usable CPUs, with small steps on one thread
+(see `set_torch_threads` and `StepThreads`).
 """
 
 from __future__ import annotations
@@ -45,20 +46,45 @@ def cgroup_cpu_quota(cpu_max_path: Path = CGROUP_CPU_MAX) -> int | None:
     return max(1, math.ceil(quota_us / period_us))
 
 
+# A CPU step of fewer tokens than this runs on one thread: at 1-3 rows a layer's matmul is about 0.1 ms, about what
+# waking a sleeping worker costs. Served on the 2-CPU box (bench/cpu_peers.py, bench/results/cpu-peers-threads.md):
+# 2 threads lost at concurrency 1 (31 and 28 against 42 and 35 tok/s) and won at 8 and 32 (152/117 against 112/110,
+# 245/224 against 165/174).
+SMALL_STEP_TOKENS = 4
+
+
 def default_num_threads(num_cpus: int) -> int:
-    """One thread fewer than the usable CPUs (at least 1): the spare CPU is for everything else, see set_torch_threads."""
-    return max(1, num_cpus - 1)
+    """All the usable CPUs: workers sleep between parallel regions (engine/__init__.py) and small steps run on one thread
+    (StepThreads), so the team no longer takes a CPU from the server's event loop while it waits."""
+    return max(1, num_cpus)
 
 
 def set_torch_threads(num_threads: int | None) -> int:
     """Size torch's intra-op pool for the calling thread (OpenMP's thread count is per thread); returns the count.
 
-    num_threads, or default_num_threads(num_usable_cpus()). torch's OpenMP workers spin-wait between ops, and every
-    parallel op waits for its slowest worker: when another runnable thread takes a worker's CPU (the server's own event
-    loop doing HTTP and detokenizing, or any other busy process on a shared host), each op waits a scheduler time slice
-    for it. A team as large as the CPU count ran the offline API more than 7x slower than one thread on a busy 2-CPU box
-    (bench/busy_cpu.py); leaving one CPU free costs a team little when the CPUs are idle and keeps that stall away.
+    num_threads, or default_num_threads(num_usable_cpus()). Every parallel op waits for its slowest worker. With
+    libgomp's default wait policy the workers spin between ops, so when another runnable thread took a worker's CPU (the
+    server's own event loop doing HTTP and detokenizing, the benchmark's clients, any busy process on a shared host),
+    each op waited a scheduler time slice: a team as large as the CPU count served 2-12x slower than one thread on the
+    2-CPU box (bench/results/cpu-peers-threads.md) and ran the offline API 7x slower on a busy one (bench/busy_cpu.py),
+    and the default was one thread fewer than the CPUs. With OMP_WAIT_POLICY=PASSIVE (engine/__init__.py) a worker
+    sleeps as soon as an op ends, and StepThreads keeps small steps, whose ops are too short to pay for waking it, on
+    one thread.
     """
     count = num_threads if num_threads is not None else default_num_threads(num_usable_cpus())
     torch.set_num_threads(count)
     return count
+
+
+class StepThreads:
+    """torch's team for each CPU step, on the stepping thread: one thread below SMALL_STEP_TOKENS tokens, the whole
+    team from there (torch.set_num_threads costs 0.2 us, and is called only when the size changes)."""
+
+    def __init__(self, num_threads: int) -> None:
+        self.num_threads = num_threads
+
+    def fit(self, num_tokens: int) -> int:
+        wanted = 1 if num_tokens < SMALL_STEP_TOKENS else self.num_threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        return wanted
