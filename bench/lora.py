@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or str(embedded_model_dir(cache_dir=args.cache_dir))
     with tempfile.TemporaryDirectory(prefix="sirocco-lora-bench-") as tmp:
-        # The engine's default torch threads (usable CPUs less one); no prefix cache, so every round computes its prompts
+        # The engine's default torch threads (the usable CPUs); no prefix cache, so every round computes its prompts
         base = LLM(model=model, enable_prefix_caching=False)
         config = base.engine.model_config
         names = [f"adapter{i}" for i in range(NUM_ADAPTERS)]

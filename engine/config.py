@@ -51,9 +51,9 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(True, "Reuse KV blocks of shared prompt prefixes")
     enforce_eager: bool = setting(False, "Disable CUDA graphs")
     seed: int = setting(0, "Seed for requests that do not give one")
-    # Default: one fewer than the CPUs this process may use (engine/threads.py).
+    # Default: the CPUs this process may use; steps under 4 tokens run on one of them (engine/threads.py).
     num_threads: int | None = setting(
-        None, "Torch threads on CPU; unset: usable CPUs (affinity, cgroup limit) less one, at least 1", ge=1
+        None, "Torch threads on CPU; unset: the usable CPUs (affinity, cgroup limit); steps under 4 tokens use one", ge=1
     )
     # >1 starts ranks 1..N-1 as worker processes (distributed.py).
     tensor_parallel_size: int = setting(1, "Processes (GPUs on CUDA) the model is split over by tensor parallelism", ge=1)
