@@ -136,8 +136,6 @@ class EngineConfig:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             message = f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})"
             raise ConfigError("max_cpu_loras", message)
-        if self.is_lora_enabled and self.tensor_parallel_size > 1:
-            raise ConfigError("lora_modules", "LoRA adapters are not supported with tensor_parallel_size > 1 yet")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             message = f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             raise ConfigError("gpu_memory_utilization", message)

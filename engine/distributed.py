@@ -1,7 +1,9 @@
 """Tensor parallelism across processes: rank 0 (the engine) starts ranks 1..N-1, broadcasts each step, watches them.
 
 Rank 0 alone schedules, manages blocks and samples; every rank holds a slice of the weights and of the paged KV cache
-(the same block ids everywhere) and runs the same forward, joining the all-reduces of model/parallel.py. gloo on CPU,
+(the same block ids everywhere) and runs the same forward, joining the all-reduces of model/parallel.py. With LoRA,
+rank 0 also sends each adapter it writes into a slot (every rank writes its slice of it into the same slot) and each
+step's adapter slot of every token row. gloo on CPU,
 NCCL on CUDA (rank r on cuda:r). A rank that fails to start, dies, or leaves a collective unfinished for
 distributed_timeout_s becomes one RankFailedError naming it, and every worker is stopped. A worker also exits by
 itself when its parent process is gone (its lifeline pipe reads EOF), so no rank outlives the engine's process.
@@ -26,15 +28,18 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.errors import RankFailedError
+from engine.lora import TARGETS, LoraAdapter, module_shapes
 from engine.model.attention import AttentionMetadata
-from engine.model.cpu_attention import DecodeKernel
+from engine.model.config import ModelConfig
+from engine.model.lora import AdapterWeights, LoraBatch
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.processes import exit_reason
 from engine.rank import Rank, RankSpec, build_rank
 
 logger = logging.getLogger(__name__)
 
-_STOP, _STEP = 0, 1  # the first field of every step header
+_STOP, _STEP, _LOAD_LORA = 0, 1, 2  # the first field of every header
+_HEADER_LEN = 5  # [command, and four fields: see _broadcast_step and load_lora]
 _START_TIMEOUT_S = 1800.0  # loading a large slice from a slow disk; a rank that exits fails the start at once
 _STOP_TIMEOUT_S = 10.0  # after STOP, how long workers get to exit before they are killed
 _WORKER_TIMEOUT = timedelta(days=365)  # workers wait for the next step as long as rank 0 lives, however long it idles
@@ -68,6 +73,7 @@ class TensorParallelGroup:
         self.world_size = config.tensor_parallel_size
         self.timeout_s = config.distributed_timeout_s
         self.device = device
+        self.model_config = spec.model_config
         if dist.is_initialized():
             raise ValueError("this process already has a torch.distributed group: one tensor-parallel engine per process")
         if device.type == "cuda" and device.index not in (None, 0):
@@ -138,19 +144,34 @@ class TensorParallelGroup:
 
     def _broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         num_seqs, max_blocks = meta.block_tables.shape
-        header = torch.tensor([_STEP, input_ids.shape[0], num_seqs, max_blocks], dtype=torch.long, device=self.device)
-        payload = torch.cat(
-            [
-                input_ids,
-                positions,
-                meta.slot_mapping,
-                meta.query_start_loc.long(),
-                meta.seq_lens.long(),
-                meta.block_tables.long().flatten(),
-            ]
-        )  # [3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks]
-        dist.broadcast(header, src=0)
+        has_lora = meta.lora is not None
+        header = [_STEP, input_ids.shape[0], num_seqs, max_blocks, int(has_lora)]
+        parts = [
+            input_ids,
+            positions,
+            meta.slot_mapping,
+            meta.query_start_loc.long(),
+            meta.seq_lens.long(),
+            meta.block_tables.long().flatten(),
+        ]
+        if meta.lora is not None:
+            parts.append(meta.lora.slots)  # each token row's adapter slot; the ranks rebuild the mask from it
+        payload = torch.cat(parts)  # [3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks (+ num_tokens)]
+        dist.broadcast(torch.tensor(header, dtype=torch.long, device=self.device), src=0)
         dist.broadcast(payload, src=0)
+
+    def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
+        """Send a whole adapter to ranks 1..N-1, each writing its slice of it into `slot`; RankFailedError.
+
+        Called when rank 0 gives the adapter a slot (at a step's scheduling), so the ranks have it before that step."""
+        try:
+            present, flat = _pack_adapter(adapter.weights, self.model_config)
+            header = torch.tensor([_LOAD_LORA, slot, adapter.rank, flat.numel(), 0], dtype=torch.long, device=self.device)
+            dist.broadcast(header, src=0)
+            dist.broadcast(present.to(self.device), src=0)
+            dist.broadcast(flat.to(self.device), src=0)
+        except Exception as exc:  # the ranks are now out of step
+            raise self._fail(exc) from exc
 
     def _fail(self, exc: BaseException) -> RankFailedError:
         """After a failed step: find which rank failed and why, log it, stop every worker. Returns the error to raise."""
@@ -193,7 +214,7 @@ class TensorParallelGroup:
         is_stopping = False
         if self._is_healthy:
             with contextlib.suppress(Exception):
-                dist.broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.long, device=self.device), src=0)
+                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.long, device=self.device), src=0)
                 is_stopping = True
         deadline = time.monotonic() + (_STOP_TIMEOUT_S if is_stopping else 0.0)
         for worker in self._workers:
@@ -239,7 +260,7 @@ def _worker_main(spec: WorkerSpec, control: Connection, lifeline: Connection) ->
         r, world_size = spec.rank.rank, spec.rank.world_size
         store = dist.TCPStore("127.0.0.1", spec.store_port, world_size, is_master=False, timeout=_WORKER_TIMEOUT)
         dist.init_process_group(spec.backend, store=store, rank=r, world_size=world_size, timeout=_WORKER_TIMEOUT)
-        _run_steps(rank.model, rank.kv_cache, rank.kernel, device)
+        _run_steps(rank, spec.rank, device)
         dist.destroy_process_group()
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -253,29 +274,72 @@ def _exit_with_parent(lifeline: Connection) -> None:
     os._exit(1)
 
 
+def _pack_adapter(weights: AdapterWeights, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter -> (which (layer, module) pairs it has [num_layers * len(TARGETS)] int64, their A and B flattened
+    one after the other in that order, float32). _unpack_adapter reverses it from the config and the adapter's rank."""
+    keys = [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
+    present = torch.tensor([key in weights for key in keys], dtype=torch.long)
+    flat = torch.cat([t.flatten() for key in keys if key in weights for t in weights[key]]).float()
+    return present, flat
+
+
+def _unpack_adapter(present: torch.Tensor, flat: torch.Tensor, lora_rank: int, config: ModelConfig) -> AdapterWeights:
+    keys = [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
+    shapes = module_shapes(config)  # module -> (in_features, out_features)
+    weights, offset = {}, 0
+    for key, is_present in zip(keys, present.tolist(), strict=True):
+        if not is_present:
+            continue
+        in_features, out_features = shapes[key[1]]
+        a = flat[offset : offset + lora_rank * in_features].view(lora_rank, in_features)
+        offset += a.numel()
+        b = flat[offset : offset + out_features * lora_rank].view(out_features, lora_rank)
+        offset += b.numel()
+        weights[key] = (a, b)
+    return weights
+
+
 @torch.inference_mode()
-def _run_steps(model: MistralForCausalLM, kv_cache: KVCache, kernel: DecodeKernel | None, device: torch.device) -> None:
-    """Receive each step from rank 0 and run this rank's forward (its output is only ever used through the all-reduces)."""
-    header = torch.empty(4, dtype=torch.long, device=device)
+def _run_steps(rank: Rank, spec: RankSpec, device: torch.device) -> None:
+    """Receive each step (or adapter) from rank 0 and run this rank's forward (its output is only ever used through
+    the all-reduces) or write this rank's slice of the adapter into its slot."""
+    header = torch.empty(_HEADER_LEN, dtype=torch.long, device=device)
     while True:
         dist.broadcast(header, src=0)
-        command, num_tokens, num_seqs, max_blocks = header.tolist()
+        command, *fields = header.tolist()
         if command == _STOP:
             return
-        payload = torch.empty(3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks, dtype=torch.long, device=device)
-        dist.broadcast(payload, src=0)
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * max_blocks]
-        input_ids, positions, slots, starts, seq_lens, tables = payload.split(sizes)
-        seq_lens_cpu = seq_lens.tolist()
-        meta = AttentionMetadata(
-            query_start_loc=starts.int(),
-            seq_lens=seq_lens.int(),
-            block_tables=tables.view(num_seqs, max_blocks).int(),  # [num_seqs, max_blocks]
-            slot_mapping=slots,
-            query_lens_cpu=starts.diff().tolist(),
-            seq_lens_cpu=seq_lens_cpu,
-            max_seq_len=max(seq_lens_cpu),
-            is_decode_only=num_tokens == num_seqs,
-            cpu_decode_kernel=kernel,
-        )
-        model(input_ids, positions, kv_cache, meta)
+        if command == _LOAD_LORA:
+            slot, lora_rank, num_floats, _ = fields
+            present = torch.empty(spec.model_config.num_hidden_layers * len(TARGETS), dtype=torch.long, device=device)
+            flat = torch.empty(num_floats, dtype=torch.float32, device=device)
+            dist.broadcast(present, src=0)
+            dist.broadcast(flat, src=0)
+            rank.load_lora(slot, _unpack_adapter(present, flat, lora_rank, spec.model_config))
+            continue
+        num_tokens, num_seqs, max_blocks, has_lora = fields
+        _run_step(rank, spec, device, num_tokens, num_seqs, max_blocks, bool(has_lora))
+
+
+def _run_step(
+    rank: Rank, spec: RankSpec, device: torch.device, num_tokens: int, num_seqs: int, max_blocks: int, has_lora: bool
+) -> None:
+    """Receive one step's inputs (the payload _broadcast_step sends) and run this rank's forward of it."""
+    sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * max_blocks, num_tokens if has_lora else 0]
+    payload = torch.empty(sum(sizes), dtype=torch.long, device=device)
+    dist.broadcast(payload, src=0)
+    input_ids, positions, slots, starts, seq_lens, tables, lora_slots = payload.split(sizes)
+    seq_lens_cpu = seq_lens.tolist()
+    meta = AttentionMetadata(
+        query_start_loc=starts.int(),
+        seq_lens=seq_lens.int(),
+        block_tables=tables.view(num_seqs, max_blocks).int(),  # [num_seqs, max_blocks]
+        slot_mapping=slots,
+        query_lens_cpu=starts.diff().tolist(),
+        seq_lens_cpu=seq_lens_cpu,
+        max_seq_len=max(seq_lens_cpu),
+        is_decode_only=num_tokens == num_seqs,
+        cpu_decode_kernel=rank.kernel,
+        lora=LoraBatch.of(lora_slots, spec.max_loras + 1, spec.dtype) if has_lora else None,
+    )
+    rank.model(input_ids, positions, rank.kv_cache, meta)

@@ -260,9 +260,8 @@ class InputBatch:
         return _Filled(num_tokens, len(sample_idx), len(dirty), max_num_blocks, seq_lens.tolist(), has_lora)
 
     def _lora_batch(self, slots: torch.Tensor) -> LoraBatch:
-        """slots [num_tokens] -> the step's one-hot mask of slots 1.. [num_tokens, num_lora_slots - 1], once for all layers
-        (slot 0, the base model, has no column: its rows are all zero)."""
-        return LoraBatch(torch.nn.functional.one_hot(slots, self.num_lora_slots)[:, 1:].to(self.lora_dtype), slots)
+        """slots [num_tokens] -> the step's one-hot mask of slots 1.. [num_tokens, num_lora_slots - 1], once for all layers."""
+        return LoraBatch.of(slots, self.num_lora_slots, self.lora_dtype)
 
     def _pad_decode(self, num_seqs: int, padded: int) -> None:
         """Rows num_seqs..padded of a decode step: one token each that writes nowhere (slot -1) and sees no key."""

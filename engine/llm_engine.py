@@ -36,14 +36,13 @@ from engine.fingerprint import engine_fingerprint
 from engine.kv_cache import num_blocks_for
 from engine.loader import check_max_model_len, read_model_config, resolve_device_dtype, resolve_model_dir
 from engine.logprobs import PromptLogprobs
-from engine.lora import LoraError, LoraRegistry, LoraSlots, parse_lora_modules, resolve_adapter_dir
+from engine.lora import LoraAdapter, LoraError, LoraRegistry, LoraSlots, parse_lora_modules, resolve_adapter_dir
 from engine.memory_profile import cuda_kv_cache_bytes
-from engine.model.lora import load_slot
 from engine.model.mistral import MistralForCausalLM
 from engine.model_runner import ModelRunner, PendingInputs
 from engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput, TokenLogprobs, Usage
 from engine.prompts import Prompt, check_prompt, tokenize_prompt
-from engine.rank import RankSpec, build_rank
+from engine.rank import Rank, RankSpec, build_rank
 from engine.request_state import Accepted, Choice, Launched, Request, StepWork
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
@@ -83,8 +82,7 @@ class LLMEngine:
         rank = build_rank(spec, self._size_kv_cache)
         self.lora_slots: LoraSlots | None = None
         if self.lora_registry is not None and rank.lora_layers is not None:
-            layers = rank.lora_layers
-            self.lora_slots = LoraSlots(config.max_loras, self.lora_registry, lambda slot, a: load_slot(layers, slot, a.weights))
+            self.lora_slots = LoraSlots(config.max_loras, self.lora_registry, lambda slot, a: self._load_lora(rank, slot, a))
         start_s = time.perf_counter()
         self.tokenizer = Tokenizer(model_dir)
         logger.info("loaded the tokenizer in %.1fs", time.perf_counter() - start_s)
@@ -127,6 +125,12 @@ class LLMEngine:
         self._in_flight: Launched | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+
+    def _load_lora(self, rank: Rank, slot: int, adapter: LoraAdapter) -> None:
+        """Write an adapter into `slot` on every rank: ranks 1..N-1 receive it before the step that first uses it."""
+        if self.tp_group is not None:
+            self.tp_group.load_lora(slot, adapter)
+        rank.load_lora(slot, adapter.weights)
 
     def _size_kv_cache(self, model: MistralForCausalLM, num_kv_heads: int) -> int:
         """KV blocks per rank: from the settings, or from what a profiled step leaves of the GPU (memory_profile.py)."""

@@ -23,7 +23,6 @@ from engine.kv_cache import allocate_kv_cache, block_bytes
 from engine.logprobs import MAX_SCORED_ROWS
 from engine.model.config import ModelConfig
 from engine.model.mistral import MistralForCausalLM
-from engine.model.parallel import RowParallelLinear
 from engine.sampler import Sampler, SampleRow
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -170,8 +169,9 @@ def log_profile(profile: MemoryProfile, gpu_memory_utilization: float, kv_bytes:
 
 @contextlib.contextmanager
 def _unreduced(model: MistralForCausalLM) -> Iterator[None]:
-    """Row-parallel layers skip their all-reduce for the duration (no process group exists yet during the profile)."""
-    layers = [m for m in model.modules() if isinstance(m, RowParallelLinear) and m.is_sharded]
+    """Row-parallel layers skip their all-reduce for the duration (no process group exists yet during the profile):
+    RowParallelLinear, or what wraps or replaces it (LoraLinear, QuantLinear), each marked by its is_sharded."""
+    layers = [m for m in model.modules() if getattr(m, "is_sharded", False)]
     for layer in layers:
         layer.is_sharded = False
     try:

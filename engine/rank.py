@@ -20,7 +20,7 @@ from engine.loader import Quantization, load_model, quantization_of
 from engine.model.config import ModelConfig
 from engine.model.cpu_attention import DecodeKernel, load_decode_kernel
 from engine.model.cpu_layers import load_layer_kernel
-from engine.model.lora import LoraLinear, attach_lora
+from engine.model.lora import AdapterWeights, LoraLinear, attach_lora, load_slot, shard_adapter
 from engine.model.mistral import KVCache, MistralForCausalLM
 from engine.model.parallel import Partition
 
@@ -66,6 +66,11 @@ class Rank:
     num_kv_heads: int  # this rank's share of the model's K/V heads
     kernel: DecodeKernel | None  # the C decode-attention kernel for fp32 CPU caches, or None
     lora_layers: list[dict[str, LoraLinear]] | None = None  # per layer, its LoRA-wrapped projections (model/lora.py)
+
+    def load_lora(self, slot: int, weights: AdapterWeights) -> None:
+        """Write a whole adapter ((layer, PEFT module) -> (A, B scaled)) into `slot`, cut to this rank's slices."""
+        assert self.lora_layers is not None, "this rank was built without LoRA slots"
+        load_slot(self.lora_layers, slot, shard_adapter(weights, self.model.partition, self.model.config))
 
 
 def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:

@@ -10,6 +10,10 @@ one-hot slot mask, times the B matrices of every slot stacked ("expand"). A fuse
 one A per part and a block-diagonal B, so its update equals PEFT's separate updates of each part exactly. Ranks below
 max_rank are padded with zeros. A base-model row's update is an exact zero, so its output is the base model's.
 On CUDA two gathered Triton kernels (triton_lora.py) replace the masked products: each row reads only its own slot.
+
+Under tensor parallelism each rank's A and B are cut like the layer they adapt (shard_adapter): a column-parallel
+layer (qkv_proj, gate_up_proj) keeps all of A and its slice of B's rows, part by part; a row-parallel one (o_proj,
+down_proj) keeps its slice of A's input columns and all of B, and adds its partial update before the all-reduce.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from engine.model.config import ModelConfig
+from engine.model.parallel import Partition
 
 # Our module -> the PEFT modules it fuses, in the order of its output rows
 FUSED_PARTS = {
@@ -35,6 +43,12 @@ class LoraBatch:
     mask: torch.Tensor  # [num_tokens, max_loras] in the model's dtype: 1 at each row's slot 1..max_loras, else 0
     slots: torch.Tensor  # [num_tokens] int64, each row's slot (0: no adapter), for the CUDA kernels
 
+    @classmethod
+    def of(cls, slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> LoraBatch:
+        """slots [num_tokens] -> the batch with its one-hot mask of slots 1..num_slots - 1 (slot 0, the base model, has
+        no column: its rows are all zero)."""
+        return cls(nn.functional.one_hot(slots, num_slots)[:, 1:].to(dtype), slots)
+
 
 class LoraLinear(nn.Module):
     """A base linear layer plus adapter slots 1..max_loras (stored at index slot - 1)."""
@@ -51,6 +65,12 @@ class LoraLinear(nn.Module):
         # Each slot's block is contiguous, so loading an adapter writes whole rows
         self.lora_a = torch.zeros(max_loras, width, in_features, **kwargs)  # [max_loras, parts * max_rank, in]: A
         self.lora_b = torch.zeros(max_loras, width, out_features, **kwargs)  # [max_loras, parts * max_rank, out]: B^T
+        # A row-parallel base (o_proj, down_proj under tensor parallelism) would all-reduce its partial output; the
+        # all-reduce moves here, after this rank's partial update (its columns of A, all of B) is added, so the sum
+        # over ranks is base(x) + B (A x): B is linear, each rank's share of A x is counted once.
+        self.is_sharded = bool(getattr(base, "is_sharded", False))
+        if self.is_sharded:
+            base.is_sharded = False
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Write one adapter into `slot` (1..max_loras): per fused part (A [r, in], B [out_part, r]) or None."""
@@ -68,9 +88,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         """x [num_tokens, in] -> [num_tokens, out]: the base output plus each row's adapter update (none: the base's)."""
-        out = self.base(x)
-        if lora is None:  # a step without adapter rows
-            return out
+        out = self.base(x)  # a row-parallel base: this rank's partial output, not yet summed over ranks
+        if lora is not None:  # a step with adapter rows
+            out = self._add_update(out, x, lora)
+        if self.is_sharded:
+            dist.all_reduce(out)
+        return out
+
+    def _add_update(self, out: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         if out.is_cuda:  # GPU-only: each row reads only its own slot's matrices (triton_lora.py)
             from engine.model import triton_lora  # Triton comes with CUDA builds of torch; CPU installs need not have it
 
@@ -107,6 +132,21 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> list[dict[st
 
 
 AdapterWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, PEFT module) -> (A, B scaled)
+
+
+def shard_adapter(weights: AdapterWeights, partition: Partition, config: ModelConfig) -> AdapterWeights:
+    """This rank's slice of an adapter, cut like the base weights (Partition.shard): for a column-parallel module
+    (q/k/v, gate/up: a slice of output rows) all of A and those rows of B; for a row-parallel one (o_proj, down_proj:
+    a slice of input columns) those columns of A and all of B."""
+    if partition.world_size == 1:
+        return weights
+    sliced = {}
+    for (layer, module), (a, b) in weights.items():  # a [r, in], b [out, r]
+        split = partition.shard(f"model.layers.{layer}.{module}.weight", config)
+        assert split is not None, module  # every LoRA target is split under tensor parallelism
+        dim, start, stop = split
+        sliced[(layer, module)] = (a, b[start:stop]) if dim == 0 else (a[:, start:stop], b)
+    return sliced
 
 
 def load_slot(wrapped: list[dict[str, LoraLinear]], slot: int, weights: AdapterWeights) -> None:

@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU (gloo, 2 ranks): same tokens and logits as one rank, rank-slice loading, failures end cleanly."""
+"""Tensor parallelism on CPU (gloo, 2 ranks): same tokens and logits as one rank (with LoRA adapters too), rank-slice
+loading, failures end cleanly."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import engine.loader
-from engine import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
+from engine import LLM, AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
 from engine.core_client import ThreadCoreClient
 from engine.errors import RankFailedError
 from engine.llm_engine import LLMEngine
@@ -30,6 +31,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from tests.conditions import async_wait_until, wait_until
 from tests.conftest import REPO_ROOT, write_tiny_mistral
+from tests.engine.lora_helpers import ATTENTION, write_adapter
 
 BOUND_S = 120.0  # turns a hang into a failure; never reached on a healthy run
 MAX_STEPS = 500
@@ -127,6 +129,59 @@ def test_async_output_forced_on_across_ranks(tiny_mistral_dir: pathlib.Path) -> 
         assert _generate(double, requests) == _generate(single, requests)
     finally:
         double.close()
+
+
+# name -> (rank, alpha, targets, use_rslora, seed): every projection (fused q|k|v and gate|up, row-parallel o and down)
+LORA_ADAPTERS = {
+    "all16": (16, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True, 2),
+    "mlp8": (8, 32, ["gate_proj", "up_proj", "down_proj", "o_proj"], False, 3),
+    "attn8": (8, 16, ATTENTION, False, 1),  # loaded at runtime
+}
+
+
+def _tokens_and_logprobs(llm: LLM, prompts: list[list[int]], names: list[str | None]) -> list[tuple[list[int], list[float]]]:
+    """One batch, greedy, each request through its adapter (None: the base model) -> per request (tokens, logprobs)."""
+    params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0, lora=name) for name in names]
+    results = []
+    for output in llm.generate(prompts, params):
+        (choice,) = output.outputs
+        assert choice.logprobs is not None
+        results.append((choice.token_ids, [entry.sampled.logprob for entry in choice.logprobs]))
+    return results
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT on transformers 5
+def test_lora_adapters_across_ranks_match_one_rank(tmp_path: pathlib.Path, tiny_mistral_dir: pathlib.Path) -> None:
+    """Two adapters and the base model in one batch, then an adapter loaded at runtime into a reused slot: two ranks
+    (A and B sliced like the layers they adapt) give one rank's tokens, and its logprobs within float rounding."""
+    adapters = {name: write_adapter(tiny_mistral_dir, tmp_path / name, *spec) for name, spec in LORA_ADAPTERS.items()}
+    settings = {
+        "lora_modules": f"all16={adapters['all16']},mlp8={adapters['mlp8']}",
+        "max_loras": 2,  # the runtime adapter takes the slot of one of the first two
+        "enable_lora_runtime_updates": True,
+    }
+    single = LLM(model=str(tiny_mistral_dir), num_kv_blocks=64, max_num_batched_tokens=32, **settings)
+    double = LLM(model=str(tiny_mistral_dir), tensor_parallel_size=2, num_kv_blocks=64, max_num_batched_tokens=32, **settings)
+    try:
+        prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]  # the 37-token PROMPTS[1] runs in chunks
+        names = [None, "all16", "mlp8", "mlp8", None, "all16"]
+        expected = _tokens_and_logprobs(single, prompts, names)
+        assert len({tuple(tokens) for tokens, _ in expected[:3]}) == 3  # each adapter changes the output: a real check
+        batches = [(prompts, names, expected)]
+        for llm in (single, double):
+            llm.engine.add_lora("late", str(adapters["attn8"]))
+        late_names = ["late", None, "all16", "late"]
+        late_expected = _tokens_and_logprobs(single, prompts[:4], late_names)
+        assert late_expected[0][0] != late_expected[1][0]  # the runtime adapter changes PROMPTS[0]'s output
+        batches.append((prompts[:4], late_names, late_expected))
+        for batch_prompts, batch_names, batch_expected in batches:
+            got = _tokens_and_logprobs(double, batch_prompts, batch_names)
+            assert [tokens for tokens, _ in got] == [tokens for tokens, _ in batch_expected], batch_names
+            for (_, logprobs), (_, expected_logprobs) in zip(got, batch_expected, strict=True):
+                assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs, strict=True)) <= 1e-3
+    finally:
+        double.engine.close()
+    assert double.engine.tp_group is not None and all(_is_gone(pid) for pid in double.engine.tp_group.pids)
 
 
 def test_rank_loads_only_its_slices(tiny_mistral_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
