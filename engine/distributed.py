@@ -3,10 +3,10 @@
 Rank 0 alone schedules, manages blocks and samples; every rank holds a slice of the weights and of the paged KV cache
 (the same block ids everywhere) and runs the same forward, joining the all-reduces of model/parallel.py. With LoRA,
 rank 0 also sends each adapter it writes into a slot (every rank writes its slice of it into the same slot) and each
-step's adapter slot of every token row. gloo on CPU,
-NCCL on CUDA (rank r on cuda:r). A rank that fails to start, dies, or leaves a collective unfinished for
-distributed_timeout_s becomes one RankFailedError naming it, and every worker is stopped. A worker also exits by
-itself when its parent process is gone (its lifeline pipe reads EOF), so no rank outlives the engine's process.
+step's adapter slot of every token row. gloo on CPU, NCCL on CUDA (rank r on cuda:r). A rank that fails to start,
+dies, or leaves a collective unfinished for distributed_timeout_s becomes one RankFailedError naming it, and every
+worker is stopped. A worker also exits by itself when its parent process is gone (its lifeline pipe reads EOF), so no
+rank outlives the engine's process.
 """
 
 from __future__ import annotations
@@ -144,8 +144,7 @@ class TensorParallelGroup:
 
     def _broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         num_seqs, max_blocks = meta.block_tables.shape
-        has_lora = meta.lora is not None
-        header = [_STEP, input_ids.shape[0], num_seqs, max_blocks, int(has_lora)]
+        header = [_STEP, input_ids.shape[0], num_seqs, max_blocks, int(meta.lora is not None)]
         parts = [
             input_ids,
             positions,
@@ -284,6 +283,7 @@ def _pack_adapter(weights: AdapterWeights, config: ModelConfig) -> tuple[torch.T
 
 
 def _unpack_adapter(present: torch.Tensor, flat: torch.Tensor, lora_rank: int, config: ModelConfig) -> AdapterWeights:
+    """_pack_adapter's two tensors -> the adapter's weights again: (layer, module) -> (A [r, in], B [out, r])."""
     keys = [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
     shapes = module_shapes(config)  # module -> (in_features, out_features)
     weights, offset = {}, 0
