@@ -95,4 +95,7 @@ def build_rank(spec: RankSpec, num_blocks: int | SizeCache) -> Rank:
     layer_kernel = load_layer_kernel(spec.kernel_dir) if spec.kernel_dir is not None else None
     if layer_kernel is not None:
         model.use_cpu_layer_kernel(layer_kernel)
+        for modules in lora_layers or []:
+            for linear in modules.values():
+                linear.cpu_kernel = layer_kernel
     return Rank(model, kv_cache, num_blocks, num_kv_heads, kernel, lora_layers)

@@ -36,6 +36,7 @@ class LayerKernel:
         self._rms_norm = _function(library, "rms_norm", None, [p, p, i, i, f, p])
         self._add_rms_norm = _function(library, "add_rms_norm", None, [p, p, p, i, i, f, p])
         self._rotary_write_kv = _function(library, "rotary_write_kv", ctypes.c_int, [p, p, p, p, *[i] * 6, p, p, p])
+        self._lora_add = _function(library, "lora_add", None, [p, p, p, p, p, i, i, i, i])
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., hidden] -> norm(x) * weight, a new tensor."""
@@ -81,6 +82,16 @@ class LayerKernel:
         if status != 0:
             raise ValueError("rotary kernel: a position or cache slot out of range")
         return q
+
+    def lora_add(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> None:
+        """out [num_tokens, n_out] += each row's B_s A_s x (model/lora.py's layout: a [num_slots, width, in], b [num_slots,
+        width, n_out], slots [num_tokens] int64, 0 for none), in place."""
+        num_tokens, (num_slots, width, n_in), n_out = x.shape[0], a.shape, b.shape[2]
+        if out.shape != (num_tokens, n_out) or x.shape[1] != n_in or b.shape[:2] != (num_slots, width):
+            raise ValueError("LoRA kernel: shapes do not match")
+        if slots.dtype != torch.int64 or slots.shape != (num_tokens,) or not slots.is_contiguous():
+            raise ValueError("LoRA kernel: slots must be int64 [num_tokens]")
+        self._lora_add(out.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), slots.data_ptr(), num_tokens, n_in, n_out, width)
 
 
 def _function(library: ctypes.CDLL, name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr:

@@ -9,7 +9,9 @@ side by side ([num_tokens, num_slots * parts * max_rank], "shrink"), masked to e
 one-hot slot mask, times the B matrices of every slot stacked ("expand"). A fused projection (q|k|v, gate|up) keeps
 one A per part and a block-diagonal B, so its update equals PEFT's separate updates of each part exactly. Ranks below
 max_rank are padded with zeros. A base-model row's update is an exact zero, so its output is the base model's.
-On CUDA two gathered Triton kernels (triton_lora.py) replace the masked products: each row reads only its own slot.
+On CUDA two gathered Triton kernels (triton_lora.py) replace the masked products: each row reads only its own slot; on
+fp32 CPU tensors the C kernel of cpu_layers.py does the same (set by the rank builder, the masked products remaining
+the reference and the fallback).
 
 Under tensor parallelism each rank's A and B are cut like the layer they adapt (shard_adapter): a column-parallel
 layer (qkv_proj, gate_up_proj) keeps all of A and its slice of B's rows, part by part; a row-parallel one (o_proj,
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.cpu_layers import LayerKernel, fits
 from engine.model.parallel import Partition
 
 # Our module -> the PEFT modules it fuses, in the order of its output rows
@@ -71,6 +74,7 @@ class LoraLinear(nn.Module):
         self.is_sharded = bool(getattr(base, "is_sharded", False))
         if self.is_sharded:
             base.is_sharded = False
+        self.cpu_kernel: LayerKernel | None = None  # fp32 CPU: each row's update in C (set by use_cpu_kernel)
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Write one adapter into `slot` (1..max_loras): per fused part (A [r, in], B [out_part, r]) or None."""
@@ -100,6 +104,9 @@ class LoraLinear(nn.Module):
             from engine.model import triton_lora  # Triton comes with CUDA builds of torch; CPU installs need not have it
 
             return triton_lora.add_lora(out, x, self.lora_a, self.lora_b, lora.slots)
+        if self.cpu_kernel is not None and fits(out, x, self.lora_a, self.lora_b):
+            self.cpu_kernel.lora_add(out, x.contiguous(), self.lora_a, self.lora_b, lora.slots.contiguous())
+            return out
         num_tokens, num_slots, width = x.shape[0], self.lora_b.shape[0], self.lora_b.shape[1]
         shrink = nn.functional.linear(x, self.lora_a.view(num_slots * width, -1))  # [num_tokens, num_slots * width]
         shrink = shrink.view(num_tokens, num_slots, width).mul_(lora.mask.unsqueeze(-1))  # other slots' columns: 0

@@ -162,3 +162,33 @@ def test_the_model_runs_its_norms_and_rotary_through_the_kernel(
     model = load(tiny_mistral_dir, kernel)
     logits = paged_logits(model, list(range(1, 21)), prefill_len=12, chunk=6)  # prefill chunks, then decodes
     assert logits.shape[0] == 20 and logits.isfinite().all()
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 7, 33])  # one thread, and rows split over the threads from 4
+def test_lora_update_matches_the_masked_products_and_is_batch_invariant(kernel: LayerKernel, num_rows: int) -> None:
+    """Each row's own slot, rank 8 in slots of max rank 16 (zero padding), slot 0 rows untouched; a row alone gets
+    bit for bit what it gets in the batch."""
+    from engine.model.lora import LoraBatch, LoraLinear
+
+    gen = torch.Generator().manual_seed(num_rows)
+    base = torch.nn.Linear(72, 40, bias=False)
+    layer = LoraLinear(base, [24, 16], max_loras=3, max_rank=16, like=base.weight)
+    for slot in (1, 2, 3):
+        parts = [(torch.randn(8, 72, generator=gen), torch.randn(size, 8, generator=gen)) for size in (24, 16)]
+        layer.set_slot(slot, parts)  # type: ignore[arg-type]
+    x = torch.randn(num_rows, 72, generator=gen)
+    slots = torch.arange(num_rows) % 4  # slot 0 (the base model) included
+    batch = LoraBatch.of(slots, 4, torch.float32)
+    out = torch.randn(num_rows, 40, generator=gen)
+    expected = layer._add_update(out.clone(), x, batch)  # the masked products (no kernel set)
+    layer.cpu_kernel = kernel
+    got = layer._add_update(out.clone(), x, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[slots == 0], out[slots == 0])
+    alone = torch.cat(
+        [
+            layer._add_update(out[i : i + 1].clone(), x[i : i + 1], LoraBatch.of(slots[i : i + 1], 4, torch.float32))
+            for i in range(num_rows)
+        ]
+    )
+    assert torch.equal(got, alone)

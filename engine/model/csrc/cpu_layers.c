@@ -22,6 +22,7 @@
  * row takes about 0.25 us on one core: below this, waking a second thread (on a shared box, one that may be descheduled)
  * costs more than it saves. */
 #define PARALLEL_MIN_TOKENS 64
+#define LORA_PARALLEL_MIN_TOKENS 4  // a row's LoRA update is ~width * (in + out) FMAs: worth a thread from few rows
 #define LANES 8
 
 /* out = x / sqrt(mean(x^2) + eps) * weight, with Hugging Face's rounding of the two products. The sum of squares is
@@ -85,4 +86,36 @@ int rotary_write_kv(const float *qkv, const int64_t *positions, const int64_t *s
     memcpy(v_cache + slots[t] * kv_size, v, sizeof(float) * kv_size);
   }
   return 0;
+}
+
+/* One row of lora_add. Compiled twice (GCC's target_clones, picked once at load by the CPU): with AVX2 and FMA where the
+ * CPU has them, for baseline x86-64 elsewhere; the rest of this file stays baseline. */
+__attribute__((target_clones("arch=x86-64-v3", "default"))) static void lora_row(float *out_t, const float *x_t,
+                                                                                  const float *a_s, const float *b_s,
+                                                                                  int64_t in, int64_t n_out, int64_t width) {
+  for (int64_t w = 0; w < width; w++) {
+    const float *a_w = a_s + w * in;
+    float lanes[8] = {0};  // (A_s x[t])[w] in 8 partial sums: one vector register, summed in a fixed order after
+    int64_t k = 0;
+    for (; k + 8 <= in; k += 8)
+      for (int i = 0; i < 8; i++) lanes[i] += a_w[k + i] * x_t[k + i];
+    for (; k < in; k++) lanes[k % 8] += a_w[k] * x_t[k];
+    const float shrink = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    if (shrink == 0.0f) continue;  // a zero-padded rank (rank below max_rank) adds nothing
+    for (int64_t j = 0; j < n_out; j++) out_t[j] += shrink * b_s[w * n_out + j];
+  }
+}
+
+/* LoRA's update for each row of a step (engine/model/lora.py): out[t] += B_s (A_s x[t]) with s the row's slot, slot 0
+ * (the base model) adding nothing. a [num_slots, width, in] holds slot s at index s - 1, b [num_slots, width, n_out]
+ * likewise (B transposed). Each row reads only its own slot's matrices, where the PyTorch path multiplies every row by
+ * every slot's and masks, and a row's arithmetic (and its order) never depends on the rows beside it. */
+void lora_add(float *out, const float *x, const float *a, const float *b, const int64_t *slots, int64_t num_tokens,
+              int64_t in, int64_t n_out, int64_t width) {
+#pragma omp parallel for schedule(static) if (num_tokens >= LORA_PARALLEL_MIN_TOKENS)
+  for (int64_t t = 0; t < num_tokens; t++) {
+    if (slots[t] <= 0) continue;
+    lora_row(out + t * n_out, x + t * in, a + (slots[t] - 1) * width * in, b + (slots[t] - 1) * width * n_out, in, n_out,
+             width);
+  }
 }
