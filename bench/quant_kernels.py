@@ -25,7 +25,7 @@ from bench.common import emit, versions
 from engine.model.quant import quantize_int4, quantize_int8
 from engine.model.quant_kernels import PackedWeight, QuantKernel, load_quant_kernel, pack_for_cpu
 
-SHAPES = {"qkv": (576, 1728), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
+SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
 
 
 def packed_bytes(w: PackedWeight) -> int:
