@@ -42,9 +42,7 @@ class DecodeKernel:
     """The loaded C function, called with tensors; see the C source for the layouts."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.decode_attention
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = _C_ARGS
+        self._fn = c_function(library, "decode_attention", ctypes.c_int, _C_ARGS)
 
     def __call__(
         self,
@@ -142,6 +140,14 @@ def load_c_library(source: pathlib.Path, cache_dir: pathlib.Path, what: str) -> 
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("%s: building the C kernel failed (%s); using the PyTorch path", what, exc)
         return None
+
+
+def c_function(library: ctypes.CDLL, name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr:
+    """A function of a library load_c_library loaded, with its C signature declared (ctypes assumes int otherwise)."""
+    fn = getattr(library, name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
 
 
 def _torch_uses_libgomp() -> bool:

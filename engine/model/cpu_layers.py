@@ -18,7 +18,7 @@ import pathlib
 
 import torch
 
-from engine.model.cpu_attention import load_c_library
+from engine.model.cpu_attention import c_function, load_c_library
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "cpu_layers.c"
 
@@ -33,10 +33,10 @@ class LayerKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        self._rms_norm = _function(library, "rms_norm", None, [p, p, i, i, f, p])
-        self._add_rms_norm = _function(library, "add_rms_norm", None, [p, p, p, i, i, f, p])
-        self._rotary_write_kv = _function(library, "rotary_write_kv", ctypes.c_int, [p, p, p, p, *[i] * 6, p, p, p])
-        self._lora_add = _function(library, "lora_add", None, [p, p, p, p, p, i, i, i, i])
+        self._rms_norm = c_function(library, "rms_norm", None, [p, p, i, i, f, p])
+        self._add_rms_norm = c_function(library, "add_rms_norm", None, [p, p, p, i, i, f, p])
+        self._rotary_write_kv = c_function(library, "rotary_write_kv", ctypes.c_int, [p, p, p, p, *[i] * 6, p, p, p])
+        self._lora_add = c_function(library, "lora_add", None, [p, p, p, p, p, i, i, i, i])
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., hidden] -> norm(x) * weight, a new tensor."""
@@ -92,13 +92,6 @@ class LayerKernel:
         if slots.dtype != torch.int64 or slots.shape != (num_tokens,) or not slots.is_contiguous():
             raise ValueError("LoRA kernel: slots must be int64 [num_tokens]")
         self._lora_add(out.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), slots.data_ptr(), num_tokens, n_in, n_out, width)
-
-
-def _function(library: ctypes.CDLL, name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr:
-    fn = getattr(library, name)
-    fn.restype = restype
-    fn.argtypes = argtypes
-    return fn
 
 
 def load_layer_kernel(cache_dir: pathlib.Path) -> LayerKernel | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.cpu_attention import load_c_library
+from engine.model.cpu_attention import c_function, load_c_library
 from engine.model.quant import Int4Weight, QuantizedWeight, unpack_int4, weight_shape
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,10 @@ class QuantKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int64
-        self._q4_matmul = _function(library, "q4_matmul", ctypes.c_int, [p, i, i, p, p, p, i, p, i])
-        self._q8_matmul = _function(library, "q8_matmul", ctypes.c_int, [p, i, i, p, p, i, p, i])
-        self._q4_dequantize = _function(library, "q4_dequantize", None, [p, p, p, i, i, p])
-        self._q8_dequantize = _function(library, "q8_dequantize", None, [p, p, i, i, p])
+        self._q4_matmul = c_function(library, "q4_matmul", ctypes.c_int, [p, i, i, p, p, p, i, p, i])
+        self._q8_matmul = c_function(library, "q8_matmul", ctypes.c_int, [p, i, i, p, p, i, p, i])
+        self._q4_dequantize = c_function(library, "q4_dequantize", None, [p, p, p, i, i, p])
+        self._q8_dequantize = c_function(library, "q8_dequantize", None, [p, p, i, i, p])
 
     def linear(self, x: torch.Tensor, w: PackedWeight, panel_min_rows: int = PANEL_MIN_ROWS) -> torch.Tensor:
         """x fp32 [M, K] -> fp32 [M, N]; panel_min_rows picks the path (tests and benchmarks force one), never the result."""
@@ -112,21 +112,12 @@ class QuantKernel:
         return out
 
 
-def _function(library: ctypes.CDLL, name: str, restype: type | None, argtypes: list[type]) -> ctypes._CFuncPtr:
-    fn = getattr(library, name)
-    fn.restype = restype
-    fn.argtypes = argtypes
-    return fn
-
-
 def load_quant_kernel(cache_dir: pathlib.Path) -> QuantKernel | None:
     """The kernel, built into cache_dir/kernels on first use; None (PyTorch path) where it cannot be had."""
     library = load_c_library(SOURCE, cache_dir, "CPU quantized matmul")
     if library is None:
         return None
-    supported = library.quant_kernels_supported
-    supported.restype = ctypes.c_int
-    if not supported():
+    if not c_function(library, "quant_kernels_supported", ctypes.c_int, [])():
         logger.warning("CPU quantized matmul: this CPU lacks AVX2, FMA or F16C; using the slower PyTorch path")
         return None
     return QuantKernel(library)
