@@ -9,6 +9,9 @@ it does not take (not fp32, not contiguous), layers.py and mistral.py run their 
 
 Rotary and the cache write give the PyTorch path's results bit for bit; RMSNorm sums its squares in double (in a fixed
 order), so its inverse RMS can differ from torch's float32 one by an ulp (tests/engine/test_cpu_layers.py).
+
+The same library holds LoRA's per-row update (`lora_add`, used by model/lora.py's LoraLinear): each row reads only its
+own adapter slot's matrices instead of every slot's masked.
 """
 
 from __future__ import annotations
@@ -96,5 +99,5 @@ class LayerKernel:
 
 def load_layer_kernel(cache_dir: pathlib.Path) -> LayerKernel | None:
     """The kernel, built into cache_dir/kernels on first use; None (PyTorch path) where it cannot be had."""
-    library = load_c_library(SOURCE, cache_dir, "CPU norm and rotary")
+    library = load_c_library(SOURCE, cache_dir, "CPU norm, rotary and LoRA")
     return None if library is None else LayerKernel(library)

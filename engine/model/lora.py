@@ -105,7 +105,7 @@ class LoraLinear(nn.Module):
 
             return triton_lora.add_lora(out, x, self.lora_a, self.lora_b, lora.slots)
         if self.cpu_kernel is not None and fits(out, x, self.lora_a, self.lora_b):
-            self.cpu_kernel.lora_add(out, x.contiguous(), self.lora_a, self.lora_b, lora.slots.contiguous())
+            self.cpu_kernel.lora_add(out, x, self.lora_a, self.lora_b, lora.slots.contiguous())  # fits: x is
             return out
         num_tokens, num_slots, width = x.shape[0], self.lora_b.shape[0], self.lora_b.shape[1]
         shrink = nn.functional.linear(x, self.lora_a.view(num_slots * width, -1))  # [num_tokens, num_slots * width]

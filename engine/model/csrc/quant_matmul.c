@@ -177,8 +177,6 @@ KERNEL static void fill_panel_q8(const Group *gs, int G, int64_t k0, int64_t kc,
   fill_panel(8, gs, G, k0, kc, panel);
 }
 
-/* out = x @ w.T for either format: weight rows 16 at a time over the threads; M < panel_min_rows runs direct.
- * Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
 /* out = x @ w.T for either format, split over the threads by weight rows: 32 at a time direct (M < panel_min_rows),
  * 16 at a time on panels. Returns 0, or -1 when a thread's panel could not be allocated (out is then incomplete). */
 KERNEL static int quant_matmul(int bits, const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
