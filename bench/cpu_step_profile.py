@@ -5,7 +5,7 @@ detailed story about <topic>", temperature 0.7, seeded, EOS ignored), steps unti
   1. times `--steps` decode steps (perf_counter, no profiler): the step's wall time;
   2. profiles as many more under torch.profiler, with record_function labels put around the engine's parts from
      outside (nothing is added to engine/): schedule, input preparation, the model's forward split into linear layers
-     (every nn.Linear: q/k/v, o, gate/up, down), attention (the K/V write and paged attention, the C decode kernel
+     (every nn.Linear or QuantLinear: q/k/v, o, gate/up, down), attention (the K/V write and paged attention, the C decode kernel
      included), norms (RMSNorm, the residual add it does), rotary (the q/k/v views too, and with the C layer kernel the
      K/V write, which it does in the same call), and the rest of the forward (embedding, SiLU * up, reshapes); logits
      (lm_head), sampler, and postprocess (finishing the step, detokenizing, building outputs).
@@ -39,6 +39,7 @@ from bench.common import emit, versions
 from bench.cpu_peers import prompts
 from engine import LLM, SamplingParams
 from engine.model.layers import RMSNorm, RotaryEmbedding
+from engine.model.quant_linear import QuantLinear
 
 LABEL = "part::"  # record_function names this bench adds start with it
 PARTS = ("schedule", "prepare", "forward_other", "linear", "attention", "norm", "rotary", "logits", "sampler", "postprocess")
@@ -66,7 +67,9 @@ def labels(llm: LLM, is_inside_forward: bool) -> Iterator[None]:
     class_patches: list[tuple[Any, str, str]] = []
     module_patches: list[tuple[Any, str, str]] = []
     if is_inside_forward:
-        instance_patches += [(m, "forward", "linear") for m in model.modules() if isinstance(m, nn.Linear)]  # lm_head unused
+        # Float and quantized projections alike; not the quantized lm_head, which "logits" already holds
+        projections = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)) and m is not model.quant_lm_head]
+        instance_patches += [(m, "forward", "linear") for m in projections]  # a float lm_head is unused (mkldnn copy)
         class_patches += [(RMSNorm, "forward", "norm"), (RMSNorm, "add_and_norm", "norm"), (RotaryEmbedding, "forward", "rotary")]
         class_patches += [(engine.model.mistral.MistralAttention, "_rotate_and_write", "rotary")]  # the C call, q/k/v views
         module_patches += [
