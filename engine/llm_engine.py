@@ -207,17 +207,18 @@ class LLMEngine:
 
     def add_lora(self, name: str, path: str) -> None:
         """Load and check an adapter and serve it as `name`; raises LoraError. Call it on the loop's thread."""
-        if self.lora_registry is None:
-            raise LoraError("LoRA is not enabled (set lora_modules or enable_lora_runtime_updates)")
-        self.lora_registry.add(name, resolve_adapter_dir(path, self.config.download_dir, self.config.hf_token))
+        self._enabled_registry().add(name, resolve_adapter_dir(path, self.config.download_dir, self.config.hf_token))
 
     def remove_lora(self, name: str) -> None:
         """Stop serving an adapter; its running requests finish with it. Raises LoraError when it is not served."""
-        if self.lora_registry is None:
-            raise LoraError("LoRA is not enabled (set lora_modules or enable_lora_runtime_updates)")
-        lora_id = self.lora_registry.remove(name)
+        lora_id = self._enabled_registry().remove(name)
         if self.lora_slots is not None:
             self.lora_slots.forget(lora_id)
+
+    def _enabled_registry(self) -> LoraRegistry:
+        if self.lora_registry is None:
+            raise LoraError("LoRA is not enabled (set lora_modules or enable_lora_runtime_updates)")
+        return self.lora_registry
 
     def abort(self, request_id: str) -> None:
         """Forget a request; a token of it still in flight is dropped when its step is finished."""
