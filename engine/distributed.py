@@ -273,10 +273,15 @@ def _exit_with_parent(lifeline: Connection) -> None:
     os._exit(1)
 
 
+def _adapter_keys(config: ModelConfig) -> list[tuple[int, str]]:
+    """Every (layer, module) an adapter may have, in the order _pack_adapter sends them."""
+    return [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
+
+
 def _pack_adapter(weights: AdapterWeights, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """An adapter -> (which (layer, module) pairs it has [num_layers * len(TARGETS)] int64, their A and B flattened
     one after the other in that order, float32). _unpack_adapter reverses it from the config and the adapter's rank."""
-    keys = [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
+    keys = _adapter_keys(config)
     present = torch.tensor([key in weights for key in keys], dtype=torch.long)
     flat = torch.cat([t.flatten() for key in keys if key in weights for t in weights[key]]).float()
     return present, flat
@@ -284,7 +289,7 @@ def _pack_adapter(weights: AdapterWeights, config: ModelConfig) -> tuple[torch.T
 
 def _unpack_adapter(present: torch.Tensor, flat: torch.Tensor, lora_rank: int, config: ModelConfig) -> AdapterWeights:
     """_pack_adapter's two tensors -> the adapter's weights again: (layer, module) -> (A [r, in], B [out, r])."""
-    keys = [(layer, module) for layer in range(config.num_hidden_layers) for module in TARGETS]
+    keys = _adapter_keys(config)
     shapes = module_shapes(config)  # module -> (in_features, out_features)
     weights, offset = {}, 0
     for key, is_present in zip(keys, present.tolist(), strict=True):
